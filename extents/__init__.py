@@ -1,0 +1,204 @@
+"""Extent maps: the data structure under every page-granular fact in memhp-emu.
+
+A 16 TiB guest has 4 Gi pages, so nothing here stores anything per page. A
+:class:`RangeMap` is a step function over PFNs: a sorted list of run starts and
+the value of each run, with equal neighbours always merged. Setting a range
+costs ``O(log n)`` to find it plus a list splice (a C ``memmove``); reading a
+range costs the number of runs it crosses. It also keeps, for every value, how
+many pages currently hold it, so totals (free pages, PageOffline pages, ...)
+are O(1).
+
+This is a leaf package: pure Python, no I/O and no import of the rest of the
+project, so the guest memory model (``guest.mm``) and the hypervisor's
+ground-truth backing (``hypervisor``) can both build on it without either
+importing the other.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from collections.abc import Hashable, Iterator
+from typing import Generic, TypeVar
+
+V = TypeVar("V", bound=Hashable)
+
+__all__ = ["RangeMap", "RangeSet"]
+
+
+class RangeMap(Generic[V]):
+    """A map from every PFN in ``[0, limit)`` to a value, stored as runs."""
+
+    __slots__ = ("_starts", "_totals", "_values", "default", "limit")
+
+    def __init__(self, default: V, limit: int = 1 << 52) -> None:
+        self.default = default
+        self.limit = limit
+        self._starts: list[int] = [0]
+        self._values: list[V] = [default]
+        self._totals: dict[V, int] = {default: limit}
+
+    # -- reading ---------------------------------------------------------------
+
+    def __len__(self) -> int:
+        """Number of runs (the cost unit of this structure)."""
+        return len(self._starts)
+
+    def _index(self, pfn: int) -> int:
+        return bisect_right(self._starts, pfn) - 1
+
+    def _run_end(self, index: int) -> int:
+        return self._starts[index + 1] if index + 1 < len(self._starts) else self.limit
+
+    def get(self, pfn: int) -> V:
+        self._check(pfn, pfn + 1)
+        return self._values[self._index(pfn)]
+
+    def run_at(self, pfn: int) -> tuple[int, int, V]:
+        """The whole run (start, end, value) that holds ``pfn``."""
+        self._check(pfn, pfn + 1)
+        i = self._index(pfn)
+        return self._starts[i], self._run_end(i), self._values[i]
+
+    def runs(
+        self, start: int = 0, end: int | None = None, *, clip: bool = True
+    ) -> Iterator[tuple[int, int, V]]:
+        """The runs that overlap ``[start, end)`` in ascending order, clipped unless told."""
+        end = self.limit if end is None else end
+        if start >= end:
+            return
+        self._check(start, end)
+        starts, values = self._starts, self._values
+        i = self._index(start)
+        n = len(starts)
+        while i < n and starts[i] < end:
+            run_end = starts[i + 1] if i + 1 < n else self.limit
+            if clip:
+                yield max(starts[i], start), min(run_end, end), values[i]
+            else:
+                yield starts[i], run_end, values[i]
+            i += 1
+
+    def total(self, value: V) -> int:
+        """How many pages in the whole map hold ``value``."""
+        return self._totals.get(value, 0)
+
+    def totals(self) -> dict[V, int]:
+        return {v: n for v, n in self._totals.items() if n}
+
+    def count(self, start: int, end: int, value: V) -> int:
+        """How many pages in ``[start, end)`` hold ``value``."""
+        return sum(e - s for s, e, v in self.runs(start, end) if v == value)
+
+    def all_equal(self, start: int, end: int, value: V) -> bool:
+        return all(v == value for _, _, v in self.runs(start, end))
+
+    # -- writing ---------------------------------------------------------------
+
+    def set(self, start: int, end: int, value: V) -> None:
+        """Give every PFN in ``[start, end)`` the value ``value``."""
+        if start >= end:
+            return
+        self._check(start, end)
+        starts, values, totals = self._starts, self._values, self._totals
+        i = self._index(start)
+        j = self._index(end - 1)
+        # Account the pages that change value.
+        for k in range(i, j + 1):
+            run_start = max(starts[k], start)
+            run_end = min(self._run_end(k), end)
+            totals[values[k]] -= run_end - run_start
+        totals[value] = totals.get(value, 0) + (end - start)
+        # Rebuild runs lo..hi-1 (one neighbour on each side, so merges happen here).
+        lo = max(i - 1, 0)
+        hi = min(j + 2, len(starts))
+        new_starts: list[int] = []
+        new_values: list[V] = []
+
+        def emit(s: int, v: V) -> None:
+            # Piece starts are strictly increasing here; only equal values merge.
+            if not new_values or new_values[-1] != v:
+                new_starts.append(s)
+                new_values.append(v)
+
+        for k in range(lo, i):
+            emit(starts[k], values[k])
+        if starts[i] < start:
+            emit(starts[i], values[i])
+        emit(start, value)
+        tail_end = self._run_end(j)
+        if end < tail_end:
+            emit(end, values[j])
+        for k in range(j + 1, hi):
+            emit(starts[k], values[k])
+        starts[lo:hi] = new_starts
+        values[lo:hi] = new_values
+
+    def _check(self, start: int, end: int) -> None:
+        if start < 0 or end > self.limit:
+            raise IndexError(f"PFN range [{start:#x}, {end:#x}) outside [0, {self.limit:#x})")
+
+
+class RangeSet:
+    """A set of PFNs stored as disjoint, merged ranges."""
+
+    __slots__ = ("_map",)
+
+    def __init__(self, limit: int = 1 << 52) -> None:
+        self._map: RangeMap[bool] = RangeMap(False, limit)
+
+    def add(self, start: int, end: int) -> None:
+        self._map.set(start, end, True)
+
+    def remove(self, start: int, end: int) -> None:
+        self._map.set(start, end, False)
+
+    def __contains__(self, pfn: object) -> bool:
+        return isinstance(pfn, int) and 0 <= pfn < self._map.limit and self._map.get(pfn)
+
+    def __len__(self) -> int:
+        """Number of pages in the set."""
+        return self._map.total(True)
+
+    def __bool__(self) -> bool:
+        return len(self) > 0
+
+    def ranges(self, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int]]:
+        """The set's ranges clipped to ``[start, end)``."""
+        for s, e, v in self._map.runs(start, end):
+            if v:
+                yield s, e
+
+    def extents(self, start: int, end: int) -> Iterator[tuple[int, int]]:
+        """The set's whole (unclipped) ranges that overlap ``[start, end)``."""
+        for s, e, v in self._map.runs(max(start, 0), min(end, self._map.limit), clip=False):
+            if v:
+                yield s, e
+
+    def holes(self, start: int, end: int) -> Iterator[tuple[int, int]]:
+        """The ranges of ``[start, end)`` that are *not* in the set."""
+        for s, e, v in self._map.runs(start, end):
+            if not v:
+                yield s, e
+
+    def count(self, start: int, end: int) -> int:
+        return self._map.count(start, end, True)
+
+    def covers(self, start: int, end: int) -> bool:
+        return self._map.all_equal(start, end, True)
+
+    def disjoint(self, start: int, end: int) -> bool:
+        return self._map.all_equal(start, end, False)
+
+    def copy(self) -> RangeSet:
+        other = RangeSet(self._map.limit)
+        for s, e in self.ranges():
+            other.add(s, e)
+        return other
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RangeSet) and list(self.ranges()) == list(other.ranges())
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return "RangeSet(" + ", ".join(f"[{s:#x}, {e:#x})" for s, e in self.ranges()) + ")"

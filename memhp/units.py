@@ -1,0 +1,110 @@
+"""Sizes, pages and PFN ranges: the units both sides share.
+
+Every size inside memhp-emu is a page count of 4 KiB pages (the Hyper-V page,
+``HV_HYP_PAGE_SIZE``, and the x86-64 ``PAGE_SIZE``). Human input ("128M", "1G")
+is parsed once at the edge with :func:`parse_size` and turned into pages with
+:func:`bytes_to_pages`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import NamedTuple
+
+PAGE_SHIFT = 12
+PAGE_SIZE = 1 << PAGE_SHIFT
+KiB = 1 << 10
+MiB = 1 << 20
+GiB = 1 << 30
+TiB = 1 << 40
+
+_SUFFIX = {"": 1, "K": KiB, "M": MiB, "G": GiB, "T": TiB, "P": 1 << 50}
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGTP]?)(?:i?B)?\s*$", re.IGNORECASE)
+
+
+class SizeError(ValueError):
+    """A size string or number that cannot be understood."""
+
+
+def parse_size(value: int | str) -> int:
+    """Parse ``4096``, ``"128M"``, ``"1G"``, ``"1T"`` (binary units) into bytes."""
+    if isinstance(value, bool):
+        raise SizeError(f"size must be a number or a string like '128M', not {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise SizeError(f"size must not be negative: {value}")
+        return value
+    if not isinstance(value, str):
+        raise SizeError(f"size must be a number or a string like '128M', not {value!r}")
+    match = _SIZE_RE.match(value)
+    if match is None:
+        raise SizeError(
+            f"cannot parse size {value!r}: expected a number with an optional binary "
+            "suffix K, M, G, T (e.g. 4096, 128M, 1G)"
+        )
+    return int(match.group(1)) * _SUFFIX[match.group(2).upper()]
+
+
+def bytes_to_pages(size: int, *, what: str = "size") -> int:
+    """Bytes to 4 KiB pages; the size must be page-aligned."""
+    if size % PAGE_SIZE:
+        raise SizeError(f"{what} {size} bytes is not a multiple of the 4 KiB page size")
+    return size >> PAGE_SHIFT
+
+
+def parse_pages(value: int | str, *, what: str = "size") -> int:
+    """Parse a human size straight into pages (see :func:`parse_size`)."""
+    return bytes_to_pages(parse_size(value), what=what)
+
+
+def format_size(size: int) -> str:
+    """Bytes as lsmem prints them: ``128M``, ``2.9G``, ``0B``."""
+    if size == 0:
+        return "0B"
+    for suffix, unit in (("P", 1 << 50), ("T", TiB), ("G", GiB), ("M", MiB), ("K", KiB)):
+        if size >= unit:
+            whole, rest = divmod(size, unit)
+            if rest == 0:
+                return f"{whole}{suffix}"
+            return f"{size / unit:.1f}{suffix}"
+    return f"{size}B"
+
+
+def pages_to_str(pages: int) -> str:
+    return format_size(pages << PAGE_SHIFT)
+
+
+def align_down(value: int, alignment: int) -> int:
+    return value - value % alignment
+
+
+def align_up(value: int, alignment: int) -> int:
+    return -(-value // alignment) * alignment
+
+
+def is_power_of_two(value: int) -> bool:
+    return value > 0 and value & (value - 1) == 0
+
+
+class PfnRange(NamedTuple):
+    """A half-open range of page frame numbers ``[start, end)``."""
+
+    start: int
+    end: int
+
+    @property
+    def pages(self) -> int:
+        return self.end - self.start
+
+    def __contains__(self, pfn: object) -> bool:
+        return isinstance(pfn, int) and self.start <= pfn < self.end
+
+    def overlaps(self, other: PfnRange) -> bool:
+        return self.start < other.end and other.start < self.end
+
+    def intersect(self, other: PfnRange) -> PfnRange | None:
+        start, end = max(self.start, other.start), min(self.end, other.end)
+        return PfnRange(start, end) if start < end else None
+
+    def __str__(self) -> str:
+        return f"[{self.start:#x}, {self.end:#x})"
