@@ -313,7 +313,7 @@ class MemoryManager:
 
     def valid_zones(self, block: MemoryBlock) -> list[str]:
         """``valid_zones`` of a block: its zone when online, the choices when offline."""
-        if block.state != STATE_OFFLINE:
+        if block.state == STATE_ONLINE:
             return [block.zone] if block.zone else ["none"]
         default = self.zone_for_pfn_range(MMOP_ONLINE, block.start_pfn, block.nr_pages)
         others = [z for z in (ZONE_NORMAL, ZONE_MOVABLE) if z != default]
@@ -456,23 +456,31 @@ class MemoryManager:
             )
         use_altmap = self.memmap_on_memory if memmap_on_memory is None else memmap_on_memory
         per_block_memmap = memmap_pages(block_pages)
-        memmap_ranges: list[tuple[int, int]] = []
+        # The memmap is per section (sparse_add_section): allocate it per block, so that
+        # removing part of an added range frees exactly that part's memmap.
+        memmap_by_block: list[list[tuple[int, int]]] = []
         if not use_altmap:
-            memmap_ranges = self._alloc_memmap(memmap_pages(nr_pages))
+            try:
+                for _ in range(nr_pages // block_pages):
+                    memmap_by_block.append(self._alloc_memmap(per_block_memmap))
+            except MemoryHotplugError:
+                for ranges in memmap_by_block:
+                    self._free_memmap(ranges)
+                raise
         self.pages.set(start_pfn, end_pfn, UNINIT_PAGE)
         self.present_sections.add(start_pfn, end_pfn)
         new_blocks: list[MemoryBlock] = []
-        for block_start in range(start_pfn, end_pfn, block_pages):
+        for i, block_start in enumerate(range(start_pfn, end_pfn, block_pages)):
             block = MemoryBlock(
                 self.geometry.block_id(block_start), block_start, block_pages, owner=owner
             )
             if use_altmap:
                 block.nr_vmemmap_pages = per_block_memmap
                 self.pages.set(block_start, block_start + per_block_memmap, reserved("vmemmap"))
+            else:
+                block.memmap_ranges = memmap_by_block[i]
             self.blocks[block.id] = block
             new_blocks.append(block)
-        # memmap pages allocated elsewhere: remember them with the first block.
-        new_blocks[0].memmap_ranges = memmap_ranges
         for block in new_blocks:
             for hook in list(self.block_added_hooks):
                 hook(block)
@@ -501,6 +509,13 @@ class MemoryManager:
             self.pages.set(s, e, reserved("memmap"))
         return taken
 
+    def _free_memmap(self, ranges: list[tuple[int, int]]) -> None:
+        for s, e in ranges:
+            block = self.block_of(s)
+            assert block is not None and block.zone is not None
+            self.pages.set(s, e, BUDDY_PAGE)
+            self.zones[block.zone].free_area.free_range(s, e)
+
     def remove_memory(self, start_pfn: int, nr_pages: int) -> None:
         """``remove_memory``: every block of the range must be offline (-EBUSY otherwise)."""
         self._lock("remove_memory")
@@ -519,9 +534,7 @@ class MemoryManager:
                 raise MemoryHotplugError(EBUSY, f"remove_memory: memory{block_id} is not offline")
         for block_id in ids:
             block = self.blocks.pop(block_id)
-            for s, e in block.memmap_ranges:
-                self.pages.set(s, e, BUDDY_PAGE)
-                self.zones[ZONE_NORMAL].free_area.free_range(s, e)
+            self._free_memmap(block.memmap_ranges)
         self.pages.set(start_pfn, end_pfn, ABSENT_PAGE)
         self.present_sections.remove(start_pfn, end_pfn)
         self.onlined.remove(start_pfn, end_pfn)
@@ -794,7 +807,9 @@ class MemoryManager:
         """Pull the free pages of ``[start, end)`` out of the buddy (``alloc_contig_range``-like).
 
         Returns how many pages were free and taken; the caller owns them after this
-        and must mark them (e.g. PageOffline). Managed pages drop accordingly.
+        and must mark them (e.g. PageOffline). Managed pages drop accordingly, and the
+        pages count as not onlined any more: handing them back later with
+        ``generic_online_page`` is onlining them anew, not twice.
         """
         taken = 0
         for s, e, state in list(self.pages.runs(start, end)):
@@ -810,6 +825,7 @@ class MemoryManager:
                 area.isolated.remove(bs, be)
                 zone.managed_pages -= be - bs
                 self.pages.set(bs, be, reserved("taken"))
+                self.onlined.remove(bs, be)
                 taken += be - bs
         return taken
 
