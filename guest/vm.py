@@ -1,0 +1,305 @@
+"""One emulated guest: memory model, scheduler, hv_balloon driver, udev and workloads.
+
+Sans-I/O like its parts: :meth:`GuestVm.deliver` takes a host message,
+:meth:`GuestVm.drain_outbox` gives the messages for the host, and
+:meth:`GuestVm.run_until` moves the guest's clock. The scenario runner drives it
+under a virtual clock; the guest-agent process drives it with asyncio.
+
+What user space would do through sysfs (``echo online_movable > state``) is a
+method here too, and so is what a concurrent allocator does: an allocation can
+be armed to land *inside* the next onlining window of a zone (after the new pages
+reach the buddy, before ``MEM_ONLINE``), which is how the race of the
+``online-then-reclaim`` strategy is shown.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from guest.drivers.hv_balloon import HvBalloon
+from guest.kernel import Scheduler, Sleep, Task
+from guest.mm.errors import MemoryHotplugError
+from guest.mm.geometry import Geometry
+from guest.mm.memory import (
+    MMOP_OFFLINE,
+    ONLINE_TYPES,
+    PHASE_CALLBACKS_DONE,
+    PHASE_WINDOW,
+    ZONES,
+    HotplugLockBusy,
+    MemoryBlock,
+    MemoryManager,
+)
+from guest.mm.notifier import MemoryAction, NotifierErrorInject
+from memhp.dm import DmMessage
+
+#: Driver work a protocol step waits for (user space: udev, sysfs writes, runs on its own).
+PROTOCOL_TASKS = frozenset({"hv_balloon:probe", "hv_balloon:hot_add", "hv_balloon:balloon_up"})
+
+
+@dataclass
+class GuestConfig:
+    """What the guest's command line / the scenario's VM entry says."""
+
+    vm_id: str
+    boot_pages: int
+    block_size_bytes: int = 128 << 20
+    strategy: str = "callback"
+    driver_mode: str = "upstream"
+    #: ``/sys/devices/system/memory/auto_online_blocks`` (the kernel's own onlining).
+    auto_online_blocks: str = MMOP_OFFLINE
+    #: A udev rule that onlines every new block with this type after ``onlining_delay``.
+    udev_online_type: str | None = None
+    onlining_delay: float = 0.0
+    memmap_on_memory: bool = False
+    pressure_report_delay: int = 45
+    status_interval: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.auto_online_blocks not in ONLINE_TYPES:
+            raise ValueError(
+                f"auto_online: must be one of {', '.join(ONLINE_TYPES)}, "
+                f"not {self.auto_online_blocks!r}"
+            )
+        if self.udev_online_type is not None and self.udev_online_type not in ONLINE_TYPES[1:]:
+            raise ValueError(
+                f"udev_online: must be one of {', '.join(ONLINE_TYPES[1:])}, "
+                f"not {self.udev_online_type!r}"
+            )
+        if self.onlining_delay < 0:
+            raise ValueError("onlining_delay: must not be negative")
+
+
+@dataclass
+class WindowAllocation:
+    pages: int
+    order: int
+    zone: str
+    tag: str
+    #: Only the window of this block (None: the next window in the zone).
+    block: int | None = None
+    result: list[tuple[int, int]] = field(default_factory=list)
+    done: bool = False
+
+
+class GuestVm:
+    def __init__(
+        self,
+        config: GuestConfig,
+        *,
+        now: float = 0.0,
+        on_event: Callable[[str, dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.scheduler = Scheduler(now)
+        self.mm = MemoryManager(
+            config.boot_pages,
+            Geometry(config.block_size_bytes),
+            auto_online_blocks=config.auto_online_blocks,
+            memmap_on_memory=config.memmap_on_memory,
+        )
+        self._on_event = on_event
+        self.driver = HvBalloon(
+            self.mm,
+            self.scheduler,
+            mode=config.driver_mode,
+            strategy=config.strategy,
+            pressure_report_delay=config.pressure_report_delay,
+            status_interval=config.status_interval,
+            on_event=self._driver_event,
+        )
+        self.error_inject = NotifierErrorInject(self.mm.notifier, priority=0)
+        #: Seconds an onlining pauses after its callbacks, before the sections go online.
+        self.slow_onlining: float = 0.0
+        self.slow_onlining_count: int | None = None
+        self.window_allocations: list[WindowAllocation] = []
+        #: Hooks the checker uses: called at each onlining phase.
+        self.phase_observers: list[Callable[[MemoryBlock, str], None]] = []
+        self.mm.block_added_hooks.append(self._udev_block_added)
+        self.mm.phase_hooks.append(self._on_phase)
+        self.mm.access_hooks.append(self._on_access)
+
+    # -- events ------------------------------------------------------------------
+
+    def _emit(self, kind: str, **data: Any) -> None:
+        if self._on_event is not None:
+            self._on_event(kind, data)
+
+    def _driver_event(self, kind: str, data: dict[str, object]) -> None:
+        self._emit(kind, **data)
+
+    # -- the transport side ---------------------------------------------------------
+
+    def start(self) -> None:
+        self.driver.start()
+
+    def deliver(self, msg: DmMessage) -> None:
+        self.driver.receive(msg)
+
+    def drain_outbox(self) -> list[DmMessage]:
+        return self.driver.drain_outbox()
+
+    def run_until(self, now: float) -> None:
+        self.scheduler.run_until(now)
+
+    def next_deadline(self) -> float | None:
+        return self.scheduler.next_deadline()
+
+    @property
+    def now(self) -> float:
+        return self.scheduler.now
+
+    @property
+    def busy(self) -> bool:
+        """Driver work is pending (probe, a hot-add, a balloon request).
+
+        User-space work (udev onlining, a slow sysfs onlining) runs on its own time,
+        like in a real guest: it does not keep a protocol step from finishing.
+        """
+        return self.scheduler.busy or any(name in PROTOCOL_TASKS for name in self.scheduler.tasks)
+
+    # -- user space: sysfs ----------------------------------------------------------
+
+    def online_block(self, block_id: int, online_type: str = "online") -> None:
+        """``echo <online_type> > memoryN/state``; raises MemoryHotplugError.
+
+        With slow onlining injected, the onlining runs as a task that pauses between
+        its callbacks and marking the sections online; errors then become events.
+        """
+        if self._take_slow() > 0:
+            self.scheduler.spawn(
+                f"online:memory{block_id}",
+                self._online_task(block_id, online_type, self.slow_onlining),
+            )
+            return
+        self.mm.online_block(block_id, online_type)
+        self._emit("block_onlined", block=block_id, online_type=online_type)
+
+    def offline_block(self, block_id: int) -> None:
+        self.mm.offline_block(block_id)
+        self._emit("block_offlined", block=block_id)
+
+    def _take_slow(self) -> float:
+        if self.slow_onlining <= 0:
+            return 0.0
+        if self.slow_onlining_count is not None:
+            if self.slow_onlining_count <= 0:
+                return 0.0
+            self.slow_onlining_count -= 1
+        return self.slow_onlining
+
+    def _online_task(self, block_id: int, online_type: str, pause: float) -> Task:
+        while True:
+            try:
+                steps = self.mm.online_pages_steps(block_id, online_type)
+                for phase in steps:
+                    if phase == PHASE_CALLBACKS_DONE and pause > 0:
+                        yield Sleep(pause)
+                break
+            except HotplugLockBusy:
+                yield Sleep(0.001)
+            except MemoryHotplugError as err:
+                self._emit("online_failed", block=block_id, errno=err.name, message=err.message)
+                return
+        self._emit("block_onlined", block=block_id, online_type=online_type)
+
+    def _udev_block_added(self, block: MemoryBlock) -> None:
+        self._emit("block_added", block=block.id, start_pfn=block.start_pfn)
+        if self.config.udev_online_type is None:
+            return
+        self.scheduler.spawn(f"udev:memory{block.id}", self._udev_task(block.id))
+
+    def _udev_task(self, block_id: int) -> Task:
+        if self.config.onlining_delay > 0:
+            yield Sleep(self.config.onlining_delay)
+        block = self.mm.blocks.get(block_id)
+        if block is None or block.state != "offline":
+            return
+        online_type = self.config.udev_online_type or "online"
+        pause = self._take_slow()
+        yield from self._online_task(block_id, online_type, pause)
+
+    # -- fault injection ---------------------------------------------------------------
+
+    def inject_notifier_error(self, action: str, errno: int, count: int | None = None) -> None:
+        """``echo -E > .../notifier-error-inject/memory/actions/<action>/error``."""
+        try:
+            act = MemoryAction[action]
+        except KeyError:
+            raise ValueError(
+                f"notifier action must be MEM_GOING_ONLINE or MEM_GOING_OFFLINE, not {action!r}"
+            ) from None
+        self.error_inject.set(act, -abs(errno), count)
+
+    def inject_slow_onlining(self, seconds: float, count: int | None = None) -> None:
+        self.slow_onlining = seconds
+        self.slow_onlining_count = count
+
+    # -- workloads ------------------------------------------------------------------------
+
+    def allocate(
+        self,
+        pages: int,
+        *,
+        order: int = 0,
+        zone: str = "Normal",
+        tag: str = "workload",
+        movable: bool | None = None,
+    ) -> int:
+        """Allocate ``pages`` pages in ``2^order`` blocks; returns how many were allocated."""
+        if zone not in ZONES:
+            raise ValueError(f"zone: must be one of {', '.join(ZONES)}, not {zone!r}")
+        count = pages >> order
+        taken = self.mm.alloc_pages(order, count, zone=zone, tag=tag, movable=movable)
+        got = sum(e - s for s, e in taken)
+        self._emit("allocated", tag=tag, zone=zone, requested=pages, pages=got)
+        return got
+
+    def allocate_in_window(
+        self,
+        pages: int,
+        *,
+        order: int = 0,
+        zone: str = "Movable",
+        tag: str = "window",
+        block: int | None = None,
+    ) -> WindowAllocation:
+        """Arm an allocation that runs inside the next onlining window of ``zone``.
+
+        With ``block``, only that block's window (e.g. the partially backed one).
+        """
+        if zone not in ZONES:
+            raise ValueError(f"zone: must be one of {', '.join(ZONES)}, not {zone!r}")
+        armed = WindowAllocation(pages, order, zone, tag, block)
+        self.window_allocations.append(armed)
+        return armed
+
+    def free(self, tag: str, pages: int | None = None) -> int:
+        freed = self.mm.free_pages_of(tag, pages)
+        self._emit("freed", tag=tag, pages=freed)
+        return freed
+
+    def _on_phase(self, block: MemoryBlock, phase: str) -> None:
+        for observer in list(self.phase_observers):
+            observer(block, phase)
+        if phase != PHASE_WINDOW:
+            return
+        for armed in self.window_allocations:
+            if armed.done or armed.zone != block.zone:
+                continue
+            if armed.block is not None and armed.block != block.id:
+                continue
+            armed.done = True
+            armed.result = self.mm.alloc_pages(
+                armed.order, armed.pages >> armed.order, zone=armed.zone, tag=armed.tag
+            )
+            got = sum(e - s for s, e in armed.result)
+            self._emit(
+                "allocated_in_window", block=block.id, tag=armed.tag, zone=armed.zone, pages=got
+            )
+        self.window_allocations = [a for a in self.window_allocations if not a.done]
+
+    def _on_access(self, ranges: list[tuple[int, int]], tag: str) -> None:
+        self.driver.report_access(ranges, "allocate")

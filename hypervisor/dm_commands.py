@@ -1,0 +1,158 @@
+"""Checks on the DM host's operator commands: refuse bad input before any state changes.
+
+Each check reads the session's state, changes nothing, and raises
+:class:`HostCommandError` naming the argument it blames with a gRPC-style code:
+``invalid_argument`` (wrong whatever the state), ``failed_precondition`` (the VM or
+guest state forbids it now), ``resource_exhausted`` (no room left), ``not_found``.
+"""
+
+from __future__ import annotations
+
+from hypervisor.errors import HostCommandError
+from hypervisor.ground_truth import GroundTruth, HotAddRegion
+from hypervisor.vm import MAX_GUEST_PAGES
+from memhp.dm import MAX_PAGE_CNT, CapabilitiesReport
+
+
+def check_pages(field: str, value: object, minimum: int, maximum: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise HostCommandError(field, f"must be an integer page count, got {value!r}")
+    if value < minimum:
+        raise HostCommandError(field, f"must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise HostCommandError(field, f"must be <= {maximum}, got {value}")
+
+
+def check_hot_add_allowed(caps: CapabilitiesReport | None, disabled: bool, field: str) -> None:
+    # Before the caps arrive the guest's answer is unknown: accept and queue.
+    if caps is not None and not caps.hot_add:
+        raise HostCommandError(
+            field, "the guest did not report the hot_add capability", "failed_precondition"
+        )
+    if disabled:
+        raise HostCommandError(
+            field,
+            "the guest disabled hot-add (it answered result=1, page_count=0)",
+            "failed_precondition",
+        )
+
+
+def check_new_region(
+    truth: GroundTruth,
+    align: int,
+    caps: CapabilitiesReport | None,
+    disabled: bool,
+    region_pages: int,
+    backed_pages: int,
+) -> int:
+    """Validate ``hot_add``; return where the new region starts."""
+    check_pages("region_pages", region_pages, 1)
+    if region_pages % align:
+        raise HostCommandError(
+            "region_pages",
+            f"{region_pages} is not a multiple of the hot-add alignment ({align} pages)",
+        )
+    if region_pages > MAX_PAGE_CNT:
+        raise HostCommandError(
+            "region_pages", f"{region_pages} exceeds the 24-bit page count ({MAX_PAGE_CNT})"
+        )
+    check_pages("backed_pages", backed_pages, 1, region_pages)
+    check_hot_add_allowed(caps, disabled, "region_pages")
+    max_pages = truth.config.max_pages
+    room = max_pages - truth.reserved_pages
+    if region_pages > room:
+        raise HostCommandError(
+            "region_pages",
+            f"{region_pages} pages do not fit under max_pages {max_pages} ({room} pages left)",
+            "resource_exhausted",
+        )
+    start = truth.next_region_start(align)
+    if start + region_pages > MAX_GUEST_PAGES:
+        raise HostCommandError(
+            "region_pages",
+            "the region would end beyond the 40-bit PFN limit",
+            "resource_exhausted",
+        )
+    return start
+
+
+def check_back(
+    truth: GroundTruth,
+    caps: CapabilitiesReport | None,
+    disabled: bool,
+    pages: int,
+    start_page: int | None,
+) -> tuple[HotAddRegion, int]:
+    """Validate ``back``; return the region and the first page to back."""
+    check_pages("pages", pages, 1)
+    field = "region" if start_page is None else "start_page"
+    if start_page is not None:
+        check_pages("start_page", start_page, 0)
+    if not truth.regions:
+        raise HostCommandError(field, "no hot-add region exists yet", "not_found")
+    if start_page is None:
+        region = truth.regions[-1]
+    else:
+        found = truth.region_at(start_page)
+        if found is None:
+            raise HostCommandError(
+                "start_page", f"{start_page:#x} lies in no hot-add region", "not_found"
+            )
+        region = found
+    check_hot_add_allowed(caps, disabled, field)
+    if region.unusable:
+        raise HostCommandError(
+            field,
+            f"region [{region.start:#x}, {region.end:#x}) takes no further hot-add "
+            "(the guest answered a request short)",
+            "failed_precondition",
+        )
+    if start_page is None:
+        start = region.offered_end()
+        if start + pages > region.end:
+            raise HostCommandError(
+                "pages",
+                f"{pages} pages do not fit: region [{region.start:#x}, {region.end:#x}) "
+                f"has {region.end - start} pages after its backed part",
+                "resource_exhausted",
+            )
+        return region, start
+    end = start_page + pages
+    if end > region.end:
+        raise HostCommandError(
+            "pages",
+            f"[{start_page:#x}, {end:#x}) crosses the end of region "
+            f"[{region.start:#x}, {region.end:#x})",
+        )
+    if not (region.backed.disjoint(start_page, end) and region.pending.disjoint(start_page, end)):
+        raise HostCommandError(
+            "start_page",
+            f"[{start_page:#x}, {end:#x}) overlaps pages already backed",
+            "failed_precondition",
+        )
+    return region, start_page
+
+
+def check_balloon(caps: CapabilitiesReport | None, current_pages: int, pages: int) -> None:
+    check_pages("pages", pages, 1)
+    if caps is not None and not caps.balloon:
+        raise HostCommandError(
+            "pages", "the guest did not report the balloon capability", "failed_precondition"
+        )
+    if pages > current_pages:
+        raise HostCommandError(
+            "pages",
+            f"{pages} exceeds the guest's current {current_pages} pages",
+            "failed_precondition",
+        )
+
+
+def check_unballoon(available: int, pages: int) -> None:
+    """``available``: ballooned pages not already promised to a queued unballoon."""
+    check_pages("pages", pages, 1)
+    if pages > available:
+        raise HostCommandError(
+            "pages",
+            f"{pages} exceeds the {available} ballooned pages not already being returned",
+            "failed_precondition",
+        )

@@ -1,0 +1,116 @@
+"""The ``memhp`` command.
+
+``memhp scenario run FILE [--json] [--sysfs-out DIR] [--seed N]`` plays a
+scenario in one process under a virtual clock and prints a summary (or the
+whole JSON result). The exit status is 0 when every ``expect`` held and every
+violation was declared expected, 1 otherwise, 2 for a bad scenario file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from memhp.logs import configure_logging
+from memhp.units import format_size
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+
+
+def _scenario_run(args: argparse.Namespace) -> int:
+    from guest.sysfs import write_sysfs_tree
+    from memhp.scenario.runner import ScenarioRunner, StepFailed
+    from memhp.scenario.spec import ScenarioError, load_scenario
+
+    try:
+        scenario = load_scenario(args.file)
+    except ScenarioError as err:
+        sys.stderr.write(f"memhp: {err}\n")
+        return EXIT_BAD_INPUT
+    runner = ScenarioRunner(scenario, seed=args.seed)
+    try:
+        result = runner.run()
+    except StepFailed as err:
+        result = runner.result()
+        result["ok"] = False
+        result["error"] = str(err)
+    if args.sysfs_out:
+        for vm_id, node in runner.nodes.items():
+            write_sysfs_tree(node.guest.mm, Path(args.sysfs_out) / vm_id)
+    if args.json:
+        sys.stdout.write(json.dumps(result, indent=2) + "\n")
+    else:
+        sys.stdout.write(summary(result))
+    return EXIT_OK if result["ok"] else EXIT_FAILED
+
+
+def summary(result: dict[str, Any]) -> str:
+    lines = [
+        f"scenario {result['scenario']} (seed {result['seed']}): "
+        f"{len(result['steps'])} steps, {result['virtual_time']:.3f} s of virtual time"
+    ]
+    if "error" in result:
+        lines.append(f"  ERROR {result['error']}")
+    for vm_id, vm in result["vms"].items():
+        mi = vm["meminfo"]
+        c = vm["counters"]
+        online = sum(1 for b in vm["blocks"] if b["state"] == "online")
+        lines.append(
+            f"  vm {vm_id}: MemTotal {format_size(mi['MemTotal'] << 10)}, "
+            f"MemFree {format_size(mi['MemFree'] << 10)}, "
+            f"blocks {online}/{len(vm['blocks'])} online, "
+            f"added {c['num_pages_added']} onlined {c['num_pages_onlined']} "
+            f"ballooned {c['num_pages_ballooned']} pages, "
+            f"PageOffline {vm['pages']['page_offline']} pages"
+        )
+        for v in vm["violations"]:
+            tag = "expected" if v["expected"] else "VIOLATION"
+            lines.append(
+                f"    {tag} {v['invariant']} pfn [{v['pfn_start']:#x}, {v['pfn_end']:#x}) "
+                f"at {v['step']}: {v['message']}"
+            )
+            if not v["expected"]:
+                lines.extend(f"      | {t}" for t in v["trace"])
+    for e in result["expectations"]:
+        if not e["ok"]:
+            detail = e.get("error") or f"expected {e['expected']!r}, got {e['actual']!r}"
+            lines.append(f"  EXPECT FAILED {e['vm']} {e['path']} at {e['step']}: {detail}")
+    passed = sum(1 for e in result["expectations"] if e["ok"])
+    lines.append(
+        f"  {passed}/{len(result['expectations'])} expectations held; "
+        f"{'OK' if result['ok'] else 'FAILED'}"
+    )
+    return "\n".join(lines) + "\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="memhp", description=__doc__.split("\n")[0])
+    parser.add_argument("--log-level", default="warning")
+    parser.add_argument("--log-json", action="store_true", help="log JSON lines")
+    sub = parser.add_subparsers(dest="command", required=True)
+    scenario = sub.add_parser("scenario", help="scenario files")
+    scenario_sub = scenario.add_subparsers(dest="scenario_command", required=True)
+    run = scenario_sub.add_parser("run", help="run a scenario in process (virtual clock)")
+    run.add_argument("file")
+    run.add_argument("--json", action="store_true", help="print the whole JSON result")
+    run.add_argument("--sysfs-out", metavar="DIR", help="write DIR/<vm>/sys/devices/system/memory")
+    run.add_argument("--seed", type=int, help="override the scenario's seed")
+    run.set_defaults(func=_scenario_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(args.log_level, json=args.log_json)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,484 @@
+"""Run a scenario in one process under a virtual clock.
+
+One :class:`hypervisor.dm_host.DmHostSession` and one :class:`guest.vm.GuestVm`
+per VM, wired by in-memory message passing. Time only moves when nothing is
+left to do now: the clock jumps to the next timer (an onlining delay, the 5 s
+onlining wait of hv_balloon, a status report), so a run is deterministic for a
+given scenario and seed and takes CPU time, not wall time.
+
+After every step the system *settles* (every message delivered, no transaction
+in flight, no hot-add, balloon or onlining work pending) and every invariant is
+checked; a violation is recorded once, with the step that first showed it and
+a short trace of the events before it.
+"""
+
+from __future__ import annotations
+
+import operator
+import random
+from collections.abc import Callable
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from extents import RangeSet
+from guest.invariants import check_guest
+from guest.mm.dump import walk_dump
+from guest.mm.errors import MemoryHotplugError
+from guest.vm import GuestConfig, GuestVm
+from hypervisor.dm_host import DmHostSession
+from hypervisor.errors import HostCommandError
+from hypervisor.vm import VmConfig
+from memhp.scenario.result import guest_view, lookup
+from memhp.scenario.spec import Scenario, Step, VmSpec
+from memhp.units import PAGE_SHIFT, SizeError, parse_size
+
+log = structlog.get_logger("memhp.scenario")
+
+#: A step that has not settled after this much virtual time is reported stuck.
+SETTLE_LIMIT_SECONDS = 3600.0
+TRACE_LENGTH = 8
+POST_INIT_DELAY = {"default": 0.0, "qemu": 50.0}
+
+
+class StepFailed(Exception):
+    """A step could not be carried out (a bad argument for this state of the VM)."""
+
+
+@dataclass
+class Violation:
+    invariant: str
+    vm: str
+    start_pfn: int
+    end_pfn: int
+    step: str
+    message: str
+    trace: list[str]
+    expected: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "invariant": self.invariant,
+            "vm": self.vm,
+            "pfn_start": self.start_pfn,
+            "pfn_end": self.end_pfn,
+            "step": self.step,
+            "message": self.message,
+            "trace": self.trace,
+            "expected": self.expected,
+        }
+
+
+@dataclass
+class Node:
+    """One VM: the host session that serves it and the guest it serves."""
+
+    spec: VmSpec
+    host: DmHostSession
+    guest: GuestVm
+    events: deque[str] = field(default_factory=lambda: deque(maxlen=TRACE_LENGTH))
+    seen: set[tuple[str, int, int, str]] = field(default_factory=set)
+    violations: list[Violation] = field(default_factory=list)
+
+
+class ScenarioRunner:
+    def __init__(self, scenario: Scenario, *, seed: int | None = None) -> None:
+        self.scenario = scenario
+        self.seed = scenario.seed if seed is None else seed
+        self.rng = random.Random(self.seed)
+        self.now = 0.0
+        self.nodes: dict[str, Node] = {}
+        self.expectations: list[dict[str, Any]] = []
+        self.step_results: list[dict[str, Any]] = []
+        self.current_step = "setup"
+        for spec in scenario.vms:
+            self.nodes[spec.id] = self._make_node(spec)
+
+    # -- setup ---------------------------------------------------------------------
+
+    def _make_node(self, spec: VmSpec) -> Node:
+        block_pages = spec.block_size >> PAGE_SHIFT
+        host = DmHostSession(
+            VmConfig(
+                vm_id=spec.id,
+                boot_pages=spec.boot_memory >> PAGE_SHIFT,
+                max_pages=spec.max_memory >> PAGE_SHIFT,
+                block_pages=block_pages,
+            ),
+            post_init_delay=POST_INIT_DELAY[self.scenario.profile],
+        )
+        node_ref: list[Node] = []
+
+        def on_event(kind: str, data: dict[str, Any]) -> None:
+            if node_ref:
+                self._trace(node_ref[0], "guest", kind, data)
+
+        guest = GuestVm(
+            GuestConfig(
+                vm_id=spec.id,
+                boot_pages=spec.boot_memory >> PAGE_SHIFT,
+                block_size_bytes=spec.block_size,
+                strategy=spec.strategy,
+                driver_mode=spec.driver_mode,
+                auto_online_blocks=spec.auto_online,
+                udev_online_type=spec.udev_online,
+                onlining_delay=spec.onlining_delay,
+                memmap_on_memory=spec.memmap_on_memory,
+                pressure_report_delay=spec.pressure_report_delay,
+            ),
+            now=self.now,
+            on_event=on_event,
+        )
+        node = Node(spec, host, guest)
+        node_ref.append(node)
+        return node
+
+    def _trace(self, node: Node, source: str, kind: str, data: dict[str, Any]) -> None:
+        detail = ", ".join(f"{k}={v}" for k, v in data.items())
+        node.events.append(f"t={self.now:.3f} {source} {kind}" + (f" {detail}" if detail else ""))
+
+    # -- the message loop --------------------------------------------------------------
+
+    def _pump(self) -> None:
+        """Deliver messages both ways and run everything that is due now."""
+        moving = True
+        while moving:
+            moving = False
+            for node in self.nodes.values():
+                node.guest.run_until(self.now)
+                for msg in node.guest.drain_outbox():
+                    moving = True
+                    for reply in node.host.receive(msg, self.now):
+                        node.guest.deliver(reply)
+                for reply in node.host.tick(self.now):
+                    moving = True
+                    node.guest.deliver(reply)
+                for event in node.host.drain_events():
+                    self._trace(node, "host", event.kind, event.data)
+                if node.guest.scheduler.busy:
+                    moving = True
+
+    def _deliver(self, node: Node, messages: list[Any]) -> None:
+        for msg in messages:
+            node.guest.deliver(msg)
+
+    def _busy(self) -> bool:
+        return any(node.guest.busy or node.host.busy for node in self.nodes.values())
+
+    def _next_deadline(self) -> float | None:
+        deadlines: list[float] = []
+        for node in self.nodes.values():
+            d = node.guest.next_deadline()
+            if d is not None:
+                deadlines.append(d)
+            h = node.host.next_deadline()
+            if h is not None:
+                deadlines.append(h)
+        return min(deadlines) if deadlines else None
+
+    def settle(self) -> None:
+        """Run until nothing but periodic work is left (or the step is stuck)."""
+        start = self.now
+        self._pump()
+        while self._busy():
+            deadline = self._next_deadline()
+            if deadline is None:
+                raise StepFailed("stuck: work is pending but no timer will ever fire")
+            if deadline - start > SETTLE_LIMIT_SECONDS:
+                raise StepFailed(
+                    f"did not settle within {SETTLE_LIMIT_SECONDS:.0f} s of virtual time"
+                )
+            self.now = max(self.now, deadline)
+            self._pump()
+
+    def advance(self, seconds: float) -> None:
+        end = self.now + seconds
+        self._pump()
+        while True:
+            deadline = self._next_deadline()
+            if deadline is None or deadline > end:
+                break
+            self.now = max(self.now, deadline)
+            self._pump()
+        self.now = end
+        self._pump()
+
+    # -- running -------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        for node in self.nodes.values():
+            node.guest.start()
+        self.current_step = "setup"
+        self.settle()
+        self.check()
+        for step in self.scenario.steps:
+            self.current_step = step.label
+            record: dict[str, Any] = {"index": step.index + 1, "kind": step.kind, "line": step.line}
+            try:
+                outcome = self._run_step(step)
+                if outcome is not None:
+                    record["result"] = outcome
+                self.settle()
+            except StepFailed as err:
+                record["error"] = str(err)
+                self.step_results.append(record)
+                raise
+            record["time"] = round(self.now, 6)
+            self.step_results.append(record)
+            self.check()
+            log.debug("step done", step=step.label, time=self.now)
+        return self.result()
+
+    def check(self) -> None:
+        for node in self.nodes.values():
+            offered = RangeSet()
+            for region in node.host.regions:
+                for s, e in region.backed.ranges():
+                    offered.add(s, e)
+            findings = check_guest(node.guest.mm, node.guest.driver, node.host.backed, offered)
+            items = [(f.invariant, f.start_pfn, f.end_pfn, f.message) for f in findings]
+            for violation in [*node.host.violations, *node.host.protocol_errors]:
+                items.append(
+                    (
+                        str(violation.kind),
+                        violation.pfn_start or 0,
+                        violation.pfn_end or 0,
+                        violation.message,
+                    )
+                )
+            for invariant, start, end, message in items:
+                key = (invariant, start, end, message)
+                if key in node.seen:
+                    continue
+                node.seen.add(key)
+                node.violations.append(
+                    Violation(
+                        invariant,
+                        node.spec.id,
+                        start,
+                        end,
+                        self.current_step,
+                        message,
+                        list(node.events),
+                        expected=invariant in node.spec.expect_violations,
+                    )
+                )
+
+    # -- steps ---------------------------------------------------------------------------
+
+    def _run_step(self, step: Step) -> Any:
+        a = step.args
+        node = self.nodes[a["vm"]] if "vm" in a else None
+        handler = getattr(self, f"_step_{step.kind}")
+        try:
+            return handler(node, a)
+        except HostCommandError as err:
+            raise StepFailed(f"{step.label}: {err}") from None
+        except MemoryHotplugError as err:
+            raise StepFailed(f"{step.label}: {err}") from None
+        except ValueError as err:
+            raise StepFailed(f"{step.label}: {err}") from None
+
+    def _host_call(self, node: Node, messages: list[Any]) -> None:
+        self._deliver(node, messages)
+
+    def _step_hot_add(self, node: Node, a: dict[str, Any]) -> Any:
+        msgs = node.host.hot_add(
+            a["region"] >> PAGE_SHIFT,
+            a["backed"] >> PAGE_SHIFT,
+            self.now,
+            offset_pages=a.get("offset", 0) >> PAGE_SHIFT,
+            with_region=a.get("form", "region") == "region",
+        )
+        self._host_call(node, msgs)
+        return None
+
+    def _step_back(self, node: Node, a: dict[str, Any]) -> Any:
+        start_page = None
+        if "offset" in a:
+            region_index = a.get("region", -1)
+            regions = node.host.regions
+            if not regions:
+                raise StepFailed("back: the VM has no hot-add region yet")
+            try:
+                region = regions[region_index]
+            except IndexError:
+                raise StepFailed(f"back.region: no region {region_index}") from None
+            start_page = region.start + (a["offset"] >> PAGE_SHIFT)
+        msgs = node.host.back(a["size"] >> PAGE_SHIFT, self.now, start_page=start_page)
+        self._host_call(node, msgs)
+        return None
+
+    def _step_set_target(self, node: Node, a: dict[str, Any]) -> Any:
+        self._host_call(node, node.host.set_target(a["size"] >> PAGE_SHIFT, self.now))
+
+    def _step_balloon(self, node: Node, a: dict[str, Any]) -> Any:
+        self._host_call(node, node.host.balloon(a["size"] >> PAGE_SHIFT, self.now))
+
+    def _step_unballoon(self, node: Node, a: dict[str, Any]) -> Any:
+        self._host_call(node, node.host.unballoon(a["size"] >> PAGE_SHIFT, self.now))
+
+    def _sysfs_step(self, a: dict[str, Any], action: Any) -> Any:
+        expect_error = a.get("expect_error")
+        try:
+            action()
+        except MemoryHotplugError as err:
+            if expect_error is None:
+                raise
+            if expect_error not in (err.name, f"-{err.name}", True):
+                raise StepFailed(f"expected error {expect_error}, got -{err.name}") from None
+            return {"error": f"-{err.name}"}
+        if expect_error is not None:
+            raise StepFailed(f"expected error {expect_error}, but the write succeeded")
+        return None
+
+    def _step_online(self, node: Node, a: dict[str, Any]) -> Any:
+        return self._sysfs_step(
+            a, lambda: node.guest.online_block(a["block"], a.get("type", "online"))
+        )
+
+    def _step_offline(self, node: Node, a: dict[str, Any]) -> Any:
+        return self._sysfs_step(a, lambda: node.guest.offline_block(a["block"]))
+
+    def _step_allocate(self, node: Node, a: dict[str, Any]) -> Any:
+        pages = a["size"] >> PAGE_SHIFT
+        order = a.get("order", 0)
+        zone = a.get("zone", "Normal")
+        tag = a.get("tag", "workload")
+        if a.get("in_window"):
+            node.guest.allocate_in_window(
+                pages, order=order, zone=zone, tag=tag, block=a.get("block")
+            )
+            return {"armed": True}
+        got = node.guest.allocate(pages, order=order, zone=zone, tag=tag, movable=a.get("movable"))
+        return {"allocated": got}
+
+    def _step_free(self, node: Node, a: dict[str, Any]) -> Any:
+        pages = a["size"] >> PAGE_SHIFT if "size" in a else None
+        return {"freed": node.guest.free(a["tag"], pages)}
+
+    def _step_inject(self, node: Node, a: dict[str, Any]) -> Any:
+        if "notifier" in a:
+            node.guest.inject_notifier_error(a["notifier"], a["errno"], a.get("count"))
+        else:
+            node.guest.inject_slow_onlining(a["slow_onlining"], a.get("count"))
+
+    def _step_advance(self, node: Node | None, a: dict[str, Any]) -> Any:
+        self.advance(a["seconds"])
+
+    def _step_dump(self, node: Node, a: dict[str, Any]) -> Any:
+        report = walk_dump(node.guest.mm, node.host.backed, skip_free=bool(a.get("skip_free")))
+        for s, e in report.unbacked_read:
+            key = ("dump-read-unbacked", s, e, "")
+            if key not in node.seen:
+                node.seen.add(key)
+                node.violations.append(
+                    Violation(
+                        "dump-read-unbacked",
+                        node.spec.id,
+                        s,
+                        e,
+                        self.current_step,
+                        f"a dump would read {e - s} unbacked pages (not PageOffline)",
+                        list(node.events),
+                        expected="dump-read-unbacked" in node.spec.expect_violations,
+                    )
+                )
+        return {
+            "pages_read": report.pages_read,
+            "pages_skipped_offline": report.pages_skipped_offline,
+            "unbacked_pages_read": report.unbacked_pages,
+        }
+
+    def _step_expect(self, node: Node, a: dict[str, Any]) -> Any:
+        view = self.vm_view(node)
+        for path, expected in a.items():
+            if path == "vm":
+                continue
+            entry: dict[str, Any] = {"step": self.current_step, "vm": node.spec.id, "path": path}
+            try:
+                actual = lookup(view, path)
+                ok, shown = compare(path, actual, expected)
+            except (KeyError, SizeError, TypeError) as err:
+                entry.update(expected=expected, actual=None, ok=False, error=str(err).strip("'\""))
+            else:
+                entry.update(expected=shown, actual=actual, ok=ok)
+            self.expectations.append(entry)
+        return None
+
+    # -- results -----------------------------------------------------------------------------
+
+    def vm_view(self, node: Node) -> dict[str, Any]:
+        view = guest_view(node.guest)
+        view["host"] = {
+            "target": node.host.target_pages,
+            "current": node.host.current_pages,
+            "backed": len(node.host.backed),
+            "state": node.host.state,
+        }
+        view["violations"] = [v.invariant for v in node.violations]
+        return view
+
+    def result(self) -> dict[str, Any]:
+        vms: dict[str, Any] = {}
+        for vm_id, node in self.nodes.items():
+            view = self.vm_view(node)
+            view["violations"] = [v.as_dict() for v in node.violations]
+            vms[vm_id] = view
+        unexpected = [v for node in self.nodes.values() for v in node.violations if not v.expected]
+        failed = [e for e in self.expectations if not e["ok"]]
+        return {
+            "scenario": self.scenario.name,
+            "seed": self.seed,
+            "virtual_time": round(self.now, 6),
+            "ok": not unexpected and not failed,
+            "steps": self.step_results,
+            "expectations": self.expectations,
+            "vms": vms,
+        }
+
+
+OPERATORS: dict[str, Callable[[Any, Any], bool]] = {
+    "eq": operator.eq,
+    "ne": operator.ne,
+    "ge": operator.ge,
+    "gt": operator.gt,
+    "le": operator.le,
+    "lt": operator.lt,
+    "contains": operator.contains,
+    "excludes": lambda a, b: b not in a,
+}
+
+
+def _convert(path: str, value: Any) -> Any:
+    """A size string in an expectation becomes the field's unit: kB in meminfo, else pages."""
+    if not isinstance(value, str) or not value[:1].isdigit():
+        return value
+    size = parse_size(value)
+    if path.startswith("meminfo."):
+        return size >> 10
+    return size >> PAGE_SHIFT
+
+
+def compare(path: str, actual: Any, expected: Any) -> tuple[bool, Any]:
+    if isinstance(expected, dict):
+        ok = True
+        shown: dict[str, Any] = {}
+        for op, raw in expected.items():
+            if op not in OPERATORS:
+                raise TypeError(f"unknown comparison {op!r} (use {', '.join(OPERATORS)})")
+            value = _convert(path, raw)
+            shown[op] = value
+            ok = ok and bool(OPERATORS[op](actual, value))
+        return ok, shown
+    value = _convert(path, expected)
+    return actual == value, value
+
+
+def run_scenario(
+    scenario: Scenario, *, seed: int | None = None
+) -> tuple[dict[str, Any], ScenarioRunner]:
+    runner = ScenarioRunner(scenario, seed=seed)
+    return runner.run(), runner

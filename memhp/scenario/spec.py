@@ -1,0 +1,382 @@
+"""Scenario files: YAML in, validated dataclasses out, errors that name file and line.
+
+A scenario declares VMs and a list of steps. Every size accepts ``4096``,
+``128M``, ``1G``, ``1T`` (binary units). The format is documented in the
+README; this module is its one parser, used by the in-process runner and, later,
+by the multi-process one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from memhp.units import SizeError, parse_size
+
+STRATEGIES = ("callback", "going-online", "online-then-reclaim")
+DRIVER_MODES = ("upstream", "fixed")
+ONLINE_TYPES = ("offline", "online", "online_kernel", "online_movable")
+ZONES = ("Normal", "Movable")
+NOTIFIER_ACTIONS = ("MEM_GOING_ONLINE", "MEM_GOING_OFFLINE")
+PROFILES = ("default", "qemu")
+
+
+class ScenarioError(Exception):
+    """A bad scenario file: says which file, which line, what is wrong."""
+
+    def __init__(self, path: str, line: int | None, message: str) -> None:
+        where = f"{path}:{line}" if line else path
+        super().__init__(f"{where}: {message}")
+        self.path = path
+        self.line = line
+        self.message = message
+
+
+class _Map(dict[str, Any]):
+    """A YAML mapping that remembers its line and the line of each key (1-based)."""
+
+    line: int = 0
+    key_lines: dict[str, int]
+
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> _Map:
+    loader.flatten_mapping(node)
+    out = _Map()
+    out.line = node.start_mark.line + 1
+    out.key_lines = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if not isinstance(key, str):
+            raise ScenarioError("", key_node.start_mark.line + 1, f"key {key!r} must be a string")
+        if key in out:
+            raise ScenarioError("", key_node.start_mark.line + 1, f"duplicate key {key!r}")
+        out[key] = loader.construct_object(value_node, deep=True)
+        out.key_lines[key] = key_node.start_mark.line + 1
+    return out
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+@dataclass
+class VmSpec:
+    id: str
+    boot_memory: int
+    max_memory: int
+    block_size: int = 128 << 20
+    strategy: str = "callback"
+    driver_mode: str = "upstream"
+    auto_online: str = "offline"
+    udev_online: str | None = None
+    onlining_delay: float = 0.0
+    memmap_on_memory: bool = False
+    pressure_report_delay: int = 0
+    expect_violations: list[str] = field(default_factory=list)
+    line: int = 0
+
+
+@dataclass
+class Step:
+    kind: str
+    args: dict[str, Any]
+    line: int
+    index: int
+
+    @property
+    def label(self) -> str:
+        return f"step {self.index + 1} ({self.kind}, line {self.line})"
+
+
+@dataclass
+class Scenario:
+    path: str
+    name: str
+    description: str
+    seed: int
+    profile: str
+    vms: list[VmSpec]
+    steps: list[Step]
+
+    def vm(self, vm_id: str) -> VmSpec:
+        return next(v for v in self.vms if v.id == vm_id)
+
+
+# step kind -> (required keys, optional keys)
+STEP_KEYS: dict[str, tuple[set[str], set[str]]] = {
+    "hot_add": ({"vm", "region", "backed"}, {"offset", "form"}),
+    "back": ({"vm", "size"}, {"offset", "region"}),
+    "set_target": ({"vm", "size"}, set()),
+    "balloon": ({"vm", "size"}, set()),
+    "unballoon": ({"vm", "size"}, set()),
+    "online": ({"vm", "block"}, {"type", "expect_error"}),
+    "offline": ({"vm", "block"}, {"expect_error"}),
+    "allocate": ({"vm", "size"}, {"order", "zone", "tag", "movable", "in_window", "block"}),
+    "free": ({"vm", "tag"}, {"size"}),
+    "inject": ({"vm"}, {"notifier", "errno", "count", "slow_onlining"}),
+    "advance": ({"seconds"}, set()),
+    "dump": ({"vm"}, {"skip_free"}),
+    "expect": ({"vm"}, set()),  # any other key is a result path
+}
+
+SIZE_KEYS = {"region", "backed", "offset", "size"}
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    path = str(path)
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise ScenarioError(path, None, f"cannot read: {err.strerror}") from None
+    return parse_scenario(text, path)
+
+
+def parse_scenario(text: str, path: str = "<scenario>") -> Scenario:
+    try:
+        doc = yaml.load(text, Loader=_Loader)
+    except ScenarioError as err:
+        raise ScenarioError(path, err.line, err.message) from None
+    except yaml.MarkedYAMLError as err:
+        line = err.problem_mark.line + 1 if err.problem_mark else None
+        raise ScenarioError(path, line, f"invalid YAML: {err.problem}") from None
+    if not isinstance(doc, _Map):
+        raise ScenarioError(path, 1, "a scenario must be a mapping with 'vms' and 'steps'")
+    p = _Parser(path)
+    p.keys(doc, {"vms", "steps"}, {"name", "description", "seed", "profile"}, "scenario")
+    seed = doc.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ScenarioError(path, doc.key_lines.get("seed"), "seed must be an integer")
+    profile = doc.get("profile", "default")
+    if profile not in PROFILES:
+        raise ScenarioError(
+            path, doc.key_lines.get("profile"), f"profile must be one of {', '.join(PROFILES)}"
+        )
+    vms_raw = doc["vms"]
+    if not isinstance(vms_raw, list) or not vms_raw:
+        raise ScenarioError(path, doc.key_lines["vms"], "vms must be a non-empty list")
+    vms = [p.vm(v, doc.key_lines["vms"]) for v in vms_raw]
+    ids = [v.id for v in vms]
+    for v in vms:
+        if ids.count(v.id) > 1:
+            raise ScenarioError(path, v.line, f"vm id {v.id!r} is declared twice")
+    steps_raw = doc["steps"]
+    if not isinstance(steps_raw, list):
+        raise ScenarioError(path, doc.key_lines["steps"], "steps must be a list")
+    steps = [p.step(s, i, set(ids), doc.key_lines["steps"]) for i, s in enumerate(steps_raw)]
+    return Scenario(
+        path=path,
+        name=str(doc.get("name", Path(path).stem)),
+        description=str(doc.get("description", "")),
+        seed=seed,
+        profile=profile,
+        vms=vms,
+        steps=steps,
+    )
+
+
+class _Parser:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def fail(self, line: int | None, message: str) -> ScenarioError:
+        return ScenarioError(self.path, line, message)
+
+    def keys(self, m: _Map, required: set[str], optional: set[str], what: str) -> None:
+        for key in sorted(required - m.keys()):
+            raise self.fail(m.line, f"{what}: missing required key {key!r}")
+        unknown = sorted(m.keys() - required - optional)
+        if unknown:
+            allowed = ", ".join(sorted(required | optional))
+            raise self.fail(
+                m.key_lines[unknown[0]], f"{what}: unknown key {unknown[0]!r} (allowed: {allowed})"
+            )
+
+    def size(self, m: _Map, key: str, what: str) -> int:
+        try:
+            value = parse_size(m[key])
+        except SizeError as err:
+            raise self.fail(m.key_lines[key], f"{what}.{key}: {err}") from None
+        if value % 4096:
+            raise self.fail(
+                m.key_lines[key], f"{what}.{key}: {value} bytes is not a multiple of 4 KiB pages"
+            )
+        return value
+
+    def choice(self, m: _Map, key: str, choices: tuple[str, ...], what: str) -> str:
+        value = m[key]
+        if value not in choices:
+            raise self.fail(
+                m.key_lines[key],
+                f"{what}.{key}: must be one of {', '.join(choices)}, not {value!r}",
+            )
+        return str(value)
+
+    def number(
+        self, m: _Map, key: str, what: str, *, integer: bool = False, minimum: float = 0
+    ) -> Any:
+        value = m[key]
+        ok = isinstance(value, int) if integer else isinstance(value, int | float)
+        if not ok or isinstance(value, bool) or value < minimum:
+            kind = "an integer" if integer else "a number"
+            raise self.fail(
+                m.key_lines[key], f"{what}.{key}: must be {kind} >= {minimum}, not {value!r}"
+            )
+        return value
+
+    def vm(self, raw: Any, line: int) -> VmSpec:
+        if not isinstance(raw, _Map):
+            raise self.fail(line, "each entry of vms must be a mapping")
+        what = f"vm {raw.get('id', '?')}"
+        self.keys(
+            raw,
+            {"id", "boot_memory", "max_memory"},
+            {
+                "block_size",
+                "strategy",
+                "driver_mode",
+                "auto_online",
+                "udev_online",
+                "onlining_delay",
+                "memmap_on_memory",
+                "pressure_report_delay",
+                "expect_violations",
+            },
+            what,
+        )
+        spec = VmSpec(
+            id=str(raw["id"]),
+            boot_memory=self.size(raw, "boot_memory", what),
+            max_memory=self.size(raw, "max_memory", what),
+            line=raw.line,
+        )
+        if "block_size" in raw:
+            spec.block_size = self.size(raw, "block_size", what)
+            bs = spec.block_size
+            if bs < 128 << 20 or bs > 2 << 30 or bs & (bs - 1):
+                raise self.fail(
+                    raw.key_lines["block_size"],
+                    f"{what}.block_size: must be a power of two from 128M to 2G",
+                )
+        for key, attr, choices in (
+            ("strategy", "strategy", STRATEGIES),
+            ("driver_mode", "driver_mode", DRIVER_MODES),
+            ("auto_online", "auto_online", ONLINE_TYPES),
+        ):
+            if key in raw:
+                setattr(spec, attr, self.choice(raw, key, choices, what))
+        if raw.get("udev_online") is not None:
+            spec.udev_online = self.choice(raw, "udev_online", ONLINE_TYPES[1:], what)
+        if "onlining_delay" in raw:
+            spec.onlining_delay = float(self.number(raw, "onlining_delay", what))
+        if "memmap_on_memory" in raw:
+            if not isinstance(raw["memmap_on_memory"], bool):
+                raise self.fail(
+                    raw.key_lines["memmap_on_memory"],
+                    f"{what}.memmap_on_memory: must be true or false",
+                )
+            spec.memmap_on_memory = raw["memmap_on_memory"]
+        if "pressure_report_delay" in raw:
+            spec.pressure_report_delay = int(
+                self.number(raw, "pressure_report_delay", what, integer=True)
+            )
+        if "expect_violations" in raw:
+            ev = raw["expect_violations"]
+            if not isinstance(ev, list) or not all(isinstance(x, str) for x in ev):
+                raise self.fail(
+                    raw.key_lines["expect_violations"],
+                    f"{what}.expect_violations: must be a list of invariant names",
+                )
+            spec.expect_violations = list(ev)
+        for key in ("boot_memory", "max_memory"):
+            if getattr(spec, key) % spec.block_size or getattr(spec, key) == 0:
+                raise self.fail(
+                    raw.key_lines[key],
+                    f"{what}.{key}: must be a positive multiple of block_size "
+                    f"({spec.block_size >> 20}M)",
+                )
+        if spec.max_memory < spec.boot_memory:
+            raise self.fail(
+                raw.key_lines["max_memory"], f"{what}.max_memory: must be at least boot_memory"
+            )
+        return spec
+
+    def step(self, raw: Any, index: int, vm_ids: set[str], line: int) -> Step:
+        if not isinstance(raw, _Map) or len(raw) != 1:
+            raise self.fail(
+                getattr(raw, "line", line),
+                f"step {index + 1}: must be a mapping with exactly one step kind "
+                f"(one of {', '.join(STEP_KEYS)})",
+            )
+        kind, body = next(iter(raw.items()))
+        step_line = raw.key_lines[kind]
+        if kind not in STEP_KEYS:
+            raise self.fail(
+                step_line,
+                f"step {index + 1}: unknown step kind {kind!r} (one of {', '.join(STEP_KEYS)})",
+            )
+        what = f"step {index + 1} ({kind})"
+        if kind == "advance" and not isinstance(body, _Map):
+            body_map = _Map(seconds=body)
+            body_map.line = step_line
+            body_map.key_lines = {"seconds": step_line}
+            body = body_map
+        if not isinstance(body, _Map):
+            raise self.fail(step_line, f"{what}: must be a mapping of arguments")
+        required, optional = STEP_KEYS[kind]
+        if kind != "expect":
+            self.keys(body, required, optional, what)
+        elif "vm" not in body:
+            raise self.fail(body.line, f"{what}: missing required key 'vm'")
+        args: dict[str, Any] = dict(body)
+        if "vm" in body and body["vm"] not in vm_ids:
+            raise self.fail(
+                body.key_lines["vm"],
+                f"{what}.vm: no vm {body['vm']!r} (declared: {', '.join(sorted(vm_ids))})",
+            )
+        for key in SIZE_KEYS & body.keys():
+            if kind == "expect":
+                continue
+            args[key] = self.size(body, key, what)
+        if kind == "advance":
+            args["seconds"] = float(self.number(body, "seconds", what))
+        if kind in ("online", "offline"):
+            args["block"] = int(self.number(body, "block", what, integer=True))
+            if "type" in body:
+                args["type"] = self.choice(body, "type", ONLINE_TYPES[1:], what)
+        if kind == "allocate":
+            if "zone" in body:
+                args["zone"] = self.choice(body, "zone", ZONES, what)
+            if "order" in body:
+                args["order"] = int(self.number(body, "order", what, integer=True))
+                if args["order"] > 10:
+                    raise self.fail(
+                        body.key_lines["order"], f"{what}.order: must be 0..10 (MAX_PAGE_ORDER)"
+                    )
+            if "block" in body:
+                args["block"] = int(self.number(body, "block", what, integer=True))
+        if kind == "hot_add" and "form" in body:
+            args["form"] = self.choice(body, "form", ("region", "range"), what)
+        if kind == "inject":
+            if "notifier" in body:
+                args["notifier"] = self.choice(body, "notifier", NOTIFIER_ACTIONS, what)
+                if "errno" not in body:
+                    raise self.fail(body.line, f"{what}: notifier needs errno (e.g. -12)")
+                errno = body["errno"]
+                if not isinstance(errno, int) or not -4095 <= errno <= -1:
+                    raise self.fail(
+                        body.key_lines["errno"],
+                        f"{what}.errno: must be a negative errno in [-4095, -1]",
+                    )
+            elif "slow_onlining" in body:
+                args["slow_onlining"] = float(self.number(body, "slow_onlining", what))
+            else:
+                raise self.fail(body.line, f"{what}: needs notifier (with errno) or slow_onlining")
+            if "count" in body:
+                args["count"] = int(self.number(body, "count", what, integer=True, minimum=1))
+        return Step(kind, args, step_line, index)
