@@ -125,7 +125,12 @@ STEP_KEYS: dict[str, tuple[set[str], set[str]]] = {
     "expect": ({"vm"}, set()),  # any other key is a result path
 }
 
-SIZE_KEYS = {"region", "backed", "offset", "size"}
+#: Keys that take sizes, per step kind (``back.region`` is a region index, not a size).
+SIZE_KEYS: dict[str, set[str]] = {
+    "hot_add": {"region", "backed", "offset"},
+    "back": {"size", "offset"},
+}
+DEFAULT_SIZE_KEYS = {"size"}
 
 
 def load_scenario(path: str | Path) -> Scenario:
@@ -339,10 +344,11 @@ class _Parser:
                 body.key_lines["vm"],
                 f"{what}.vm: no vm {body['vm']!r} (declared: {', '.join(sorted(vm_ids))})",
             )
-        for key in SIZE_KEYS & body.keys():
-            if kind == "expect":
-                continue
-            args[key] = self.size(body, key, what)
+        if kind != "expect":
+            for key in SIZE_KEYS.get(kind, DEFAULT_SIZE_KEYS) & body.keys():
+                args[key] = self.size(body, key, what)
+        if kind == "back" and "region" in body:
+            args["region"] = int(self.number(body, "region", what, integer=True, minimum=-1024))
         if kind == "advance":
             args["seconds"] = float(self.number(body, "seconds", what))
         if kind in ("online", "offline"):

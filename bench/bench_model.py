@@ -1,0 +1,185 @@
+"""Benchmark of the in-process model: a 16 TiB guest, grown by 4 TiB, then churned.
+
+A guest boots with 12 TiB and 2 GiB memory blocks and grows by 4 TiB in hot-add
+requests (32 GiB regions) whose backing is not block-aligned, so every request
+leaves a partially backed block; the kernel onlines every block (auto_online).
+Then the rest of every region is backed and onlined with generic_online_page.
+Then allocation churn: random sizes, orders and zones, allocated and freed.
+
+It runs through the scenario runner (host session, DM messages, hv_balloon
+driver, memory model) under the virtual clock, and prints a table: modeled GiB
+onlined per CPU-second, churn operations per second, the cost of one full
+invariant check, and the peak RSS of the process. ``--json`` prints the same
+figures as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import resource
+import sys
+import time
+from typing import Any
+
+from memhp.scenario.runner import ScenarioRunner
+from memhp.scenario.spec import parse_scenario
+
+GiB = 1 << 30
+BOOT = 12 << 40
+GROWTH = 4 << 40
+REGION = 32 * GiB
+BLOCK = 2 * GiB
+#: Backing of each request: 28.5 GiB of a 32 GiB region, so the 15th 2 GiB block is a
+#: quarter backed and the 16th is not added until the rest is backed.
+BACKED = REGION - (1536 << 20) - BLOCK
+CHURN_OPS = 2000
+
+
+def scenario_text(steps: list[str]) -> str:
+    return "\n".join(
+        [
+            "name: bench-16t",
+            "vms:",
+            "  - id: big",
+            f"    boot_memory: {BOOT}",
+            f"    max_memory: {BOOT + GROWTH}",
+            "    block_size: 2G",
+            "    strategy: callback",
+            "    driver_mode: upstream",
+            "    auto_online: online_movable",
+            "steps:",
+            *steps,
+        ]
+    )
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    cores = len(os.sched_getaffinity(0))
+    return f"{cpu}, {cores} cores, CPython {platform.python_version()}"
+
+
+def run(churn_ops: int, seed: int) -> dict[str, Any]:
+    regions = GROWTH // REGION
+    backed = BACKED
+    grow = [f"  - hot_add: {{vm: big, region: {REGION}, backed: {backed}}}" for _ in range(regions)]
+    back = [
+        f"  - back: {{vm: big, region: {i}, offset: {backed}, size: {REGION - backed}}}"
+        for i in range(regions)
+    ]
+    rng = random.Random(seed)
+    churn: list[str] = []
+    for i in range(churn_ops // 2):
+        order = rng.randrange(0, 11)
+        size = rng.choice([1 << 20, 16 << 20, 256 << 20, GiB, 8 * GiB])
+        zone = rng.choice(["Normal", "Movable"])
+        churn.append(
+            f"  - allocate: {{vm: big, size: {size}, order: {order}, zone: {zone}, tag: t{i % 64}}}"
+        )
+        churn.append(f"  - free: {{vm: big, tag: t{rng.randrange(64)}, size: {size // 2}}}")
+
+    def timed(
+        steps: list[str], runner: ScenarioRunner | None
+    ) -> tuple[ScenarioRunner, float, float]:
+        if runner is None:
+            scenario = parse_scenario(scenario_text(steps))
+            runner = ScenarioRunner(scenario, check_every_step=False)
+            for node in runner.nodes.values():
+                node.guest.start()
+            runner.settle()
+            scenario_steps = scenario.steps
+        else:
+            scenario_steps = parse_scenario(scenario_text(steps)).steps
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        for step in scenario_steps:
+            runner._run_step(step)
+            runner.settle()
+        return runner, time.process_time() - cpu0, time.perf_counter() - wall0
+
+    runner, grow_cpu, grow_wall = timed(grow, None)
+    node = runner.nodes["big"]
+    c = node.guest.driver.counters
+
+    def hot_added_online_bytes() -> int:
+        blocks = node.guest.mm.blocks.values()
+        return sum(BLOCK for b in blocks if not b.boot and b.state == "online")
+
+    grown_bytes = hot_added_online_bytes()
+    first_onlined = c.num_pages_onlined
+    runner, back_cpu, back_wall = timed(back, runner)
+    later_onlined = c.num_pages_onlined - first_onlined
+    total_bytes = hot_added_online_bytes()
+    runner, churn_cpu, churn_wall = timed(churn, runner)
+    cpu0 = time.process_time()
+    runner.check()
+    check_cpu = time.process_time() - cpu0
+    violations = [v.invariant for v in node.violations]
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    total_cpu = grow_cpu + back_cpu
+    return {
+        "machine": machine(),
+        "guest": "12 TiB boot + 4 TiB hot-added, 2 GiB blocks",
+        "hot_add_requests": regions,
+        "grow_gib_onlined": grown_bytes // GiB,
+        "grow_cpu_s": round(grow_cpu, 3),
+        "grow_gib_per_cpu_s": round(grown_bytes / GiB / grow_cpu, 1),
+        "back_requests": regions,
+        "back_gib_onlined": round(later_onlined * 4096 / GiB, 3),
+        "back_cpu_s": round(back_cpu, 3),
+        "total_gib_onlined": total_bytes // GiB,
+        "total_gib_onlined_per_cpu_s": round(total_bytes / GiB / total_cpu, 1),
+        "churn_ops": churn_ops,
+        "churn_ops_per_s": round(churn_ops / churn_cpu, 1),
+        "full_check_cpu_s": round(check_cpu, 4),
+        "page_map_runs": len(node.guest.mm.pages),
+        "peak_rss_mb": round(rss_mb, 1),
+        "violations": violations,
+        "wall_s": round(grow_wall + back_wall + churn_wall, 3),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--churn", type=int, default=CHURN_OPS)
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args()
+    r = run(args.churn, args.seed)
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    rows = [
+        ("machine", r["machine"], ""),
+        ("guest", r["guest"], ""),
+        ("grow: hot-add requests", r["hot_add_requests"], ""),
+        ("grow: GiB of memory blocks onlined", r["grow_gib_onlined"], ""),
+        ("grow: CPU seconds", r["grow_cpu_s"], ""),
+        ("grow: modeled GiB onlined per CPU-second", r["grow_gib_per_cpu_s"], ">= 1024"),
+        ("back the rest: GiB onlined by generic_online_page", r["back_gib_onlined"], ""),
+        ("back the rest: CPU seconds", r["back_cpu_s"], ""),
+        ("grow + back: GiB of memory blocks onlined", r["total_gib_onlined"], "4096"),
+        ("grow + back: GiB onlined per CPU-second", r["total_gib_onlined_per_cpu_s"], ">= 1024"),
+        ("churn: alloc/free operations per second", r["churn_ops_per_s"], ""),
+        ("one full invariant check: CPU seconds", r["full_check_cpu_s"], ""),
+        ("page map runs at the end", r["page_map_runs"], ""),
+        ("peak RSS (MB)", r["peak_rss_mb"], "< 200"),
+        ("violations", ", ".join(r["violations"]) or "none", "none"),
+    ]
+    width = max(len(name) for name, _, _ in rows)
+    print(f"{'figure':<{width}}  {'value':>24}  target")
+    for name, value, target in rows:
+        print(f"{name:<{width}}  {value!s:>24}  {target}")
+    return 0 if not r["violations"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
