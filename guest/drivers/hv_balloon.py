@@ -39,7 +39,15 @@ from guest.mm.notifier import (
     MemoryAction,
     MemoryNotify,
 )
-from guest.mm.pages import ALLOCATED, BUDDY, OWNER_BALLOON, OWNER_CORE, PAGE_OFFLINE
+from guest.mm.pages import (
+    ALLOCATED,
+    BUDDY,
+    CORE_OFFLINE_PAGE,
+    OWNER_BALLOON,
+    OWNER_CORE,
+    PAGE_OFFLINE,
+    PageState,
+)
 from memhp.dm import (
     GUEST_VERSION_ORDER,
     MAX_RANGES_PER_MESSAGE,
@@ -85,6 +93,14 @@ PROBE_WAIT_SECONDS = 5.0
 #: module parameter pressure_report_delay: status calls skipped after start.
 PRESSURE_REPORT_DELAY = 45
 STATUS_INTERVAL = 1.0
+
+
+def _left_by_memmap_init(state: PageState) -> bool:
+    return state == CORE_OFFLINE_PAGE
+
+
+def _not_page_offline(state: PageState) -> bool:
+    return state.kind != PAGE_OFFLINE
 
 
 def mb2pages(mb: int) -> int:
@@ -210,7 +226,9 @@ class HvBalloon:
         self._version_index = 0
         self._host_event = scheduler.completion()
         self.ol_waitevent = scheduler.completion()
-        self._onlining: list[tuple[int, int]] = []
+        #: Ranges between MEM_GOING_ONLINE and MEM_ONLINE, with the pages counted as onlined
+        #: at MEM_GOING_ONLINE (strategies where the core, not our callback, onlines them).
+        self._onlining: dict[tuple[int, int], int] = {}
         self._on_event = on_event
         self._hot_add_pending: HotAddRequest | None = None
         self._balloon_pending: int | None = None
@@ -424,7 +442,7 @@ class HvBalloon:
             return False
         if has.covered_end_pfn != start_pfn:
             if self.mode == "fixed" and start_pfn < has.covered_end_pfn:
-                # Backing inside the covered range: handled by _handle_in_gap.
+                # Backing inside the covered range: _handle_pg_range_fixed fills the gaps.
                 return True
             # Upstream: an inverted gap when start_pfn < covered_end_pfn (E2).
             has.gaps.append((has.covered_end_pfn, start_pfn))
@@ -435,43 +453,63 @@ class HvBalloon:
         return True
 
     def _handle_pg_range(self, start_pfn: int, pfn_cnt: int) -> Generator_int:
+        """``handle_pg_range``; ``page_count`` is how far ``covered_end_pfn`` advanced."""
         has = self._find_region(start_pfn)
         if has is None:
             return 0
-        if self.mode == "fixed" and start_pfn < has.covered_end_pfn:
-            return self._handle_in_gap(has, start_pfn, pfn_cnt)
+        if self.mode == "fixed":
+            return (yield from self._handle_pg_range_fixed(has, start_pfn, pfn_cnt))
         old_covered = has.covered_end_pfn
         if start_pfn < has.ha_end_pfn:
             pgs_ol = min(has.ha_end_pfn - start_pfn, pfn_cnt)
             has.covered_end_pfn += pgs_ol
             pfn_cnt -= pgs_ol
-            if self.mode == "upstream":
-                # The section of start_pfn only: it may still be offline while the block
-                # is half way through onlining (E3); then nobody onlines these pages.
-                if start_pfn > has.start_pfn and self.mm.online_section_nr(
-                    start_pfn // PAGES_PER_SECTION
-                ):
-                    self.hv_bring_pgs_online(has, start_pfn, pgs_ol)
-            else:
-                self._bring_online_where_online(has, start_pfn, start_pfn + pgs_ol)
+            # The section of start_pfn only: it may still be offline while its block is
+            # half way through onlining (E3); then nobody onlines these pages.
+            if start_pfn > has.start_pfn and self.mm.online_section_nr(
+                start_pfn // PAGES_PER_SECTION
+            ):
+                self.hv_bring_pgs_online(has, start_pfn, pgs_ol)
         if has.ha_end_pfn < has.end_pfn and pfn_cnt > 0:
             size = has.end_pfn - has.ha_end_pfn
-            if self.mode == "fixed":
-                # Add whole chunks up to the end of the request (E1: from both ends).
-                size = min(
-                    size, align_up(start_pfn + pfn_cnt - has.ha_end_pfn, self.ha_pages_in_chunk)
-                )
-                pfn_cnt = min(pfn_cnt, size)
-            elif pfn_cnt <= size:
+            if pfn_cnt <= size:
+                # From ha_end_pfn, sized by the count alone: too short when the request
+                # starts beyond ha_end_pfn (the root of E1).
                 size = align_up(pfn_cnt, self.ha_pages_in_chunk)
             else:
                 pfn_cnt = size
             yield from self._hv_mem_hot_add(has.ha_end_pfn, size, pfn_cnt, has)
         return has.covered_end_pfn - old_covered
 
-    def _handle_in_gap(self, has: HvHotaddState, start: int, count: int) -> int:
-        """Fixed mode: back pages inside ``[covered_start, covered_end)`` (a gap)."""
-        end = min(start + count, has.covered_end_pfn)
+    def _handle_pg_range_fixed(self, has: HvHotaddState, start: int, count: int) -> Generator_int:
+        """Fixed mode: gaps first, then added memory, then whole chunks to the end (E1, E2)."""
+        end = min(start + count, has.end_pfn)
+        newly = 0
+        if start < has.covered_end_pfn:
+            # Backing inside the covered range can only fill gaps (E2).
+            newly += self._fill_gaps(has, start, min(end, has.covered_end_pfn))
+            start = has.covered_end_pfn
+        if start >= end:
+            return newly
+        if start > has.covered_end_pfn:
+            has.gaps.append((has.covered_end_pfn, start))
+            has.covered_end_pfn = start
+        if start < has.ha_end_pfn:
+            stop = min(end, has.ha_end_pfn)
+            has.covered_end_pfn = stop
+            self._bring_online_where_online(has, start, stop)
+            newly += stop - start
+            start = stop
+        if start < end:
+            before = has.covered_end_pfn
+            size = align_up(end - has.ha_end_pfn, self.ha_pages_in_chunk)
+            size = min(size, has.end_pfn - has.ha_end_pfn)
+            yield from self._hv_mem_hot_add(has.ha_end_pfn, size, end - start, has)
+            newly += has.covered_end_pfn - before
+        return newly
+
+    def _fill_gaps(self, has: HvHotaddState, start: int, end: int) -> int:
+        """Fixed mode: ``[start, end)`` is backed now; cut it out of the gaps, online it."""
         newly = 0
         new_gaps: list[tuple[int, int]] = []
         for gs, ge in has.gaps:
@@ -569,17 +607,27 @@ class HvBalloon:
     def _memory_notifier(self, action: MemoryAction, arg: MemoryNotify) -> int:
         start, end = arg.start_pfn, arg.start_pfn + arg.nr_pages
         if action == MEM_GOING_ONLINE:
-            self._onlining.append((start, end))
+            counted = 0
             if self.strategy == "going-online":
                 self._claim_unbacked(start, end)
+            if self.strategy != "callback":
+                # The core hands every unclaimed backed page to the buddy right after this
+                # notifier, as our callback would: count them now, like the callback does.
+                counted = self._count_backed(start, end, _left_by_memmap_init)
+                self.counters.num_pages_onlined += counted
+            self._onlining[(start, end)] = counted
         elif action in (MEM_ONLINE, MEM_CANCEL_ONLINE):
-            if (start, end) in self._onlining:
-                self._onlining.remove((start, end))
-            if action == MEM_ONLINE:
+            counted = self._onlining.pop((start, end), 0)
+            if action == MEM_CANCEL_ONLINE:
+                self.counters.num_pages_onlined -= counted
+            else:
                 if self.strategy == "online-then-reclaim":
                     self._reclaim_unbacked(start, end)
                 if self.strategy != "callback":
-                    self._count_core_onlined(start, end)
+                    # Pages backed while the block was onlining and already in the buddy.
+                    self.counters.num_pages_onlined += (
+                        self._count_backed(start, end, _not_page_offline) - counted
+                    )
                 if self.mode == "fixed":
                     self._online_backed_leftovers(start, end)
             self.ol_waitevent.complete()
@@ -607,13 +655,15 @@ class HvBalloon:
             for s, e in has.unbacked_ranges(lo, hi):
                 self.mm.set_page_offline(s, e, DRIVER)
 
-    def _count_core_onlined(self, start: int, end: int) -> None:
-        """Strategies without the callback: the core onlined the backed pages; count them."""
-        for has, lo, hi in self._regions_in(start, end):
-            for s, e in has.backed_ranges(lo, hi):
-                self.counters.num_pages_onlined += sum(
-                    re_ - rs for rs, re_, st in self.mm.pages.runs(s, e) if st.kind != PAGE_OFFLINE
-                )
+    def _count_backed(self, start: int, end: int, want: Callable[[PageState], bool]) -> int:
+        """Backed pages of our regions in ``[start, end)`` whose state ``want`` accepts."""
+        return sum(
+            re_ - rs
+            for has, lo, hi in self._regions_in(start, end)
+            for s, e in has.backed_ranges(lo, hi)
+            for rs, re_, st in self.mm.pages.runs(s, e)
+            if want(st)
+        )
 
     def _reclaim_unbacked(self, start: int, end: int) -> None:
         """online-then-reclaim: pull unbacked pages back out of the buddy at MEM_ONLINE.

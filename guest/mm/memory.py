@@ -244,7 +244,13 @@ class MemoryManager:
 
     @property
     def free_pages(self) -> int:
-        return sum(z.free_pages for z in self.zones.values())
+        """NR_FREE_PAGES: free pages the buddy can hand out (isolated pageblocks excluded)."""
+        return sum(z.free_area.allocatable_pages for z in self.zones.values())
+
+    @property
+    def buddy_pages(self) -> int:
+        """Every page in the buddy, isolated pageblocks included."""
+        return sum(z.free_area.free_pages for z in self.zones.values())
 
     def count_pages(self, kind: str, owner: str | None = None) -> int:
         """Pages of one kind (and owner), over all memory. O(distinct page states)."""
@@ -350,7 +356,8 @@ class MemoryManager:
 
     def restore_online_page_callback(self, callback: OnlinePageCallback) -> None:
         """Put ``generic_online_page`` back; -EINVAL unless ``callback`` is installed."""
-        if self._online_page_callback is not callback:
+        # != rather than "is not": a driver's bound method is a new object on every access.
+        if self._online_page_callback is None or self._online_page_callback != callback:
             raise MemoryHotplugError(
                 EINVAL, "restore_online_page_callback: that callback is not the installed one"
             )
@@ -420,8 +427,19 @@ class MemoryManager:
     # -- add / remove ----------------------------------------------------------
 
     def _lock(self, who: str) -> None:
+        """Check ``mem_hotplug_lock`` is free (the caller then takes it, or only reads)."""
         if self.hotplug_lock_holder is not None:
             raise HotplugLockBusy(f"mem_hotplug_lock held by {self.hotplug_lock_holder}")
+
+    @contextlib.contextmanager
+    def _hotplug_locked(self, who: str) -> Iterator[None]:
+        """``mem_hotplug_begin`` / ``mem_hotplug_done`` around a synchronous operation."""
+        self._lock(who)
+        self.hotplug_lock_holder = who
+        try:
+            yield
+        finally:
+            self.hotplug_lock_holder = None
 
     def add_memory(
         self,
@@ -437,7 +455,23 @@ class MemoryManager:
         ``add_memory_resource`` does). Raises -EINVAL (misaligned), -EEXIST (overlap),
         -E2BIG (beyond MAX_PHYSMEM_BITS), -ENOMEM (no room for the memmap).
         """
-        self._lock("add_memory")
+        with self._hotplug_locked("add_memory"):
+            new_blocks = self._add_memory_locked(start_pfn, nr_pages, owner, memmap_on_memory)
+        # The KOBJ_ADD uevents and auto-onlining come after mem_hotplug_done().
+        for block in new_blocks:
+            for hook in list(self.block_added_hooks):
+                hook(block)
+        if self.auto_online_blocks != MMOP_OFFLINE:
+            for block in new_blocks:
+                if block.state == STATE_OFFLINE:
+                    # online_memory_block: errors are ignored by add_memory_resource.
+                    with contextlib.suppress(MemoryHotplugError):
+                        self.online_block(block.id, self.auto_online_blocks)
+        return new_blocks
+
+    def _add_memory_locked(
+        self, start_pfn: int, nr_pages: int, owner: str | None, memmap_on_memory: bool | None
+    ) -> list[MemoryBlock]:
         block_pages = self.geometry.block_pages
         end_pfn = start_pfn + nr_pages
         if nr_pages <= 0 or start_pfn % block_pages or nr_pages % block_pages:
@@ -481,23 +515,16 @@ class MemoryManager:
                 block.memmap_ranges = memmap_by_block[i]
             self.blocks[block.id] = block
             new_blocks.append(block)
-        for block in new_blocks:
-            for hook in list(self.block_added_hooks):
-                hook(block)
-        if self.auto_online_blocks != MMOP_OFFLINE:
-            for block in new_blocks:
-                if block.state == STATE_OFFLINE:
-                    # online_memory_block: errors are ignored by add_memory_resource.
-                    with contextlib.suppress(MemoryHotplugError):
-                        self.online_block(block.id, self.auto_online_blocks)
         return new_blocks
 
     def _alloc_memmap(self, nr_pages: int) -> list[tuple[int, int]]:
         area = self.zones[ZONE_NORMAL].free_area
         # vmemmap is populated in PMD-sized (2 MiB) pieces when possible.
-        blocks, rest = divmod(nr_pages, PAGEBLOCK_NR_PAGES)
+        # vmemmap_populate_hugepages() falls back to base pages when no 2 MiB block is free.
+        blocks = nr_pages // PAGEBLOCK_NR_PAGES
         taken = area.alloc(PAGEBLOCK_ORDER, blocks)
-        taken += area.alloc(0, rest)
+        short = nr_pages - sum(e - s for s, e in taken)
+        taken += area.alloc(0, short)
         got = sum(e - s for s, e in taken)
         if got < nr_pages:
             for s, e in taken:
@@ -518,7 +545,10 @@ class MemoryManager:
 
     def remove_memory(self, start_pfn: int, nr_pages: int) -> None:
         """``remove_memory``: every block of the range must be offline (-EBUSY otherwise)."""
-        self._lock("remove_memory")
+        with self._hotplug_locked("remove_memory"):
+            self._remove_memory_locked(start_pfn, nr_pages)
+
+    def _remove_memory_locked(self, start_pfn: int, nr_pages: int) -> None:
         block_pages = self.geometry.block_pages
         end_pfn = start_pfn + nr_pages
         if nr_pages <= 0 or start_pfn % block_pages or nr_pages % block_pages:
@@ -656,6 +686,16 @@ class MemoryManager:
         if block.zone is None:
             raise MemoryHotplugError(EINVAL, f"memory{block_id} spans several zones")
         self._lock(f"offline memory{block_id}")
+        self.hotplug_lock_holder = f"offline memory{block_id}"
+        try:
+            self._offline_pages(block)
+        finally:
+            self.hotplug_lock_holder = None
+
+    def _offline_pages(self, block: MemoryBlock) -> None:
+        """``offline_pages`` with ``mem_hotplug_lock`` held."""
+        assert block.zone is not None
+        block_id = block.id
         zone = self.zones[block.zone]
         start = block.start_pfn + block.nr_vmemmap_pages
         end = block.end_pfn
@@ -720,19 +760,26 @@ class MemoryManager:
         need = sum(e - s for s, e, _ in moves)
         if not need:
             return
-        area = self.zones[zone_name].free_area
-        if area.allocatable_pages < need:
+        # Migration targets come from a GFP_HIGHUSER_MOVABLE allocation: ZONE_MOVABLE first,
+        # then ZONE_NORMAL (the block's own free pages are isolated and never chosen).
+        areas = [self.zones[name].free_area for name in (ZONE_MOVABLE, ZONE_NORMAL)]
+        if sum(a.allocatable_pages for a in areas) < need:
             raise MemoryHotplugError(
                 EBUSY, f"cannot migrate {need} pages out of [{start:#x}, {end:#x})"
             )
+        isolated_area = self.zones[zone_name].free_area
         for s, e, state in moves:
-            targets = area.alloc(0, e - s)
-            for ts, te in targets:
-                self.pages.set(ts, te, state)
-                self.allocations.setdefault(state.owner, RangeSet(MAX_PFN)).add(ts, te)
+            left = e - s
+            for area in areas:
+                for ts, te in area.alloc(0, left):
+                    self.pages.set(ts, te, state)
+                    self.allocations.setdefault(state.owner, RangeSet(MAX_PFN)).add(ts, te)
+                    left -= te - ts
+                if not left:
+                    break
             self.allocations[state.owner].remove(s, e)
             self.pages.set(s, e, BUDDY_PAGE)
-            area.free_range(s, e, isolated=True)
+            isolated_area.free_range(s, e, isolated=True)
 
     # -- allocation ------------------------------------------------------------
 
@@ -856,9 +903,9 @@ class MemoryManager:
         for zone in self.zones.values():
             problems += zone.free_area.check()
         buddy_total = self.count_pages(BUDDY)
-        if buddy_total != self.free_pages:
+        if buddy_total != self.buddy_pages:
             problems.append(
-                f"pages marked free {buddy_total} != buddy free pages {self.free_pages}"
+                f"pages marked free {buddy_total} != pages in the buddy {self.buddy_pages}"
             )
         if self.count_pages(UNINIT) and self.online_sections.count(0, MAX_PFN) > 0:
             for s, e, state in self.pages.runs(0, MAX_PFN):

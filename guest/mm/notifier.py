@@ -92,7 +92,8 @@ class MemoryNotifierChain:
         self._entries.sort()
 
     def unregister(self, fn: NotifierFn) -> None:
-        self._entries = [e for e in self._entries if e.fn is not fn]
+        # == rather than "is": a bound method is a new object on every access.
+        self._entries = [e for e in self._entries if e.fn != fn]
 
     @property
     def names(self) -> list[str]:

@@ -268,12 +268,6 @@ def test_add_memory_enomem_without_room_for_memmap(mm: MemoryManager) -> None:
     mm.add_memory(HOT, BLOCK, memmap_on_memory=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the memmap is only taken as order-9 (PMD) blocks plus the remainder; "
-    "x86 vmemmap_populate_hugepages() falls back to base pages when no 2 MiB block is "
-    "free, so add_memory must not fail with ENOMEM while >= 512 pages are free",
-)
 def test_add_memory_memmap_falls_back_to_base_pages(mm: MemoryManager) -> None:
     fill_zone(mm)
     # Free four order-8 pieces that are not buddies of each other: 1024 free pages,
@@ -421,12 +415,6 @@ def test_online_phases_normal_pages_not_allocatable_before_window(mm: MemoryMana
     assert mm.check() == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: free pages in isolated pageblocks are counted in NR_FREE_PAGES (MemFree); "
-    "the kernel does not count them (set_migratetype_isolate subtracts them, "
-    "__free_one_page/account_freepages skip MIGRATE_ISOLATE) until undo_isolate_page_range",
-)
 def test_memfree_excludes_isolated_pages_while_onlining(mm: MemoryManager) -> None:
     mm.add_memory(HOT, BLOCK)
     before = mm.meminfo()
@@ -439,11 +427,6 @@ def test_memfree_excludes_isolated_pages_while_onlining(mm: MemoryManager) -> No
     assert mm.meminfo()["MemFree"] == before["MemFree"] + BLOCK * 4
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: isolated free pages stay in MemFree during MEM_GOING_OFFLINE; the kernel's "
-    "start_isolate_page_range takes them out of NR_FREE_PAGES",
-)
 def test_memfree_excludes_isolated_pages_while_offlining(mm: MemoryManager) -> None:
     mm.add_memory(HOT, BLOCK)
     mm.online_block(HOT_ID, MMOP_ONLINE_MOVABLE)
@@ -795,12 +778,6 @@ def test_offline_migrates_movable_allocations_in_normal_zone(mm: MemoryManager) 
     assert mm.check() == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: offline migration only targets the block's own zone; do_migrate_range "
-    "allocates with GFP_USER|__GFP_MOVABLE(+__GFP_HIGHMEM for Movable), so pages in "
-    "ZONE_MOVABLE may migrate to ZONE_NORMAL",
-)
 def test_offline_movable_block_migrates_into_normal(mm: MemoryManager) -> None:
     mm.add_memory(HOT, BLOCK)
     mm.online_block(HOT_ID, MMOP_ONLINE_MOVABLE)
@@ -912,11 +889,6 @@ class _Driver:
         self.mm.generic_online_pages(start, start + nr)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: restore_online_page_callback compares with `is`; a driver's bound method "
-    "is a new object on each access, so restore(self.cb) after set(self.cb) gives -EINVAL",
-)
 def test_restore_online_page_callback_bound_method(mm: MemoryManager) -> None:
     drv = _Driver(mm)
     mm.set_online_page_callback(drv.online_page)
@@ -1055,12 +1027,6 @@ def test_notifier_cannot_hotplug_during_going_online(mm: MemoryManager) -> None:
     assert got == ["busy"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: offline_block() checks mem_hotplug_lock but never holds it, so a "
-    "MEM_GOING_OFFLINE notifier can add/online/remove memory (kernel: deadlock; the model "
-    "refuses the same thing with HotplugLockBusy during onlining)",
-)
 def test_notifier_cannot_hotplug_during_going_offline(mm: MemoryManager) -> None:
     mm.add_memory(HOT, BLOCK)
     mm.online_block(HOT_ID)

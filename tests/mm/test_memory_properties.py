@@ -439,7 +439,8 @@ class MemoryMachine(RuleBasedStateMachine):
             assert sum(len(lst) for lst in zone.free_area.lists) <= budget
         for owned in mm.allocations.values():
             assert len(owned._map) <= budget
-        assert len(mm.blocks) <= self.boot_pages // BLOCK + SLOTS
+        # slot SLOTS - 1 with two blocks reaches one block past the slots
+        assert len(mm.blocks) <= self.boot_pages // BLOCK + SLOTS + 1
 
 
 MemoryMachine.TestCase.settings = settings(

@@ -137,11 +137,6 @@ class _Listener:
         return NOTIFY_OK
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: unregister() compares with `is`; a bound method is a new object on every "
-    "attribute access, so unregister(obj.notify) never removes register(obj.notify)",
-)
 def test_unregister_bound_method() -> None:
     chain = MemoryNotifierChain()
     listener = _Listener()
