@@ -14,6 +14,7 @@ checked after every step:
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -141,10 +142,8 @@ def _play(runner: ScenarioRunner, after_step: Any = None) -> None:
     runner.check()
     for step in runner.scenario.steps:
         runner.current_step = step.label
-        try:
+        with contextlib.suppress(StepFailed):
             runner._run_step(step)
-        except StepFailed:
-            pass
         runner.settle()
         runner.check()
         if after_step is not None:

@@ -671,6 +671,7 @@ def test_hot_add_range_only_form_at_an_offset() -> None:
     """The 16-byte form for a new region: the guest must derive the region itself."""
     s = ready()
     (req,) = s.hot_add(2 * BLOCK, BLOCK, 0.0, offset_pages=100, with_region=False)
+    assert isinstance(req, HotAddRequest)
     assert req.region is None
     assert req.range == PageRange(BOOT + 100, BLOCK)
     assert s.backed.covers(BOOT + 100, BOOT + 100 + BLOCK)
