@@ -139,8 +139,10 @@ class ScenarioRunner:
         return node
 
     def _trace(self, node: Node, source: str, kind: str, data: dict[str, Any]) -> None:
-        detail = ", ".join(f"{k}={v}" for k, v in data.items())
+        shown = {k: v for k, v in data.items() if k not in ("vm_id", "state")}
+        detail = ", ".join(f"{k}={v}" for k, v in shown.items())
         node.events.append(f"t={self.now:.3f} {source} {kind}" + (f" {detail}" if detail else ""))
+        log.debug(kind, vm=node.spec.id, source=source, virtual_time=self.now, **shown)
 
     # -- the message loop --------------------------------------------------------------
 
@@ -416,6 +418,8 @@ class ScenarioRunner:
 
     def vm_view(self, node: Node) -> dict[str, Any]:
         view = guest_view(node.guest)
+        view["strategy"] = node.spec.strategy
+        view["driver_mode"] = node.spec.driver_mode
         view["host"] = {
             "target": node.host.target_pages,
             "current": node.host.current_pages,
