@@ -14,7 +14,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import deque
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 
 
@@ -152,3 +152,34 @@ class Scheduler:
                 )
         else:  # pragma: no cover - a programming error in a task
             raise TypeError(f"task {task.name} yielded {command!r}")
+
+
+class Work:
+    """``struct work_struct`` on the system workqueue.
+
+    :meth:`schedule` queues the work unless it is already pending (``schedule_work``
+    returns false then: parameters written meanwhile are simply overwritten). A work
+    scheduled while it runs is pending again and runs once more afterwards.
+    """
+
+    def __init__(self, scheduler: Scheduler, name: str, body: Callable[[], Task]) -> None:
+        self._scheduler = scheduler
+        self.name = name
+        self._body = body
+        self.pending = False
+        self.running = False
+
+    def schedule(self) -> bool:
+        if self.pending:
+            return False
+        self.pending = True
+        if not self.running:
+            self.running = True
+            self._scheduler.spawn(self.name, self._worker())
+        return True
+
+    def _worker(self) -> Task:
+        while self.pending:
+            self.pending = False
+            yield from self._body()
+        self.running = False

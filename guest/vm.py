@@ -14,11 +14,13 @@ reach the buddy, before ``MEM_ONLINE``), which is how the race of the
 
 from __future__ import annotations
 
+import math
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from guest.drivers.hv_balloon import HvBalloon
+from guest.drivers.hv_balloon import MODES, STRATEGIES, HvBalloon
 from guest.kernel import Scheduler, Sleep, Task
 from guest.mm.errors import MemoryHotplugError
 from guest.mm.geometry import Geometry
@@ -53,6 +55,8 @@ class GuestConfig:
     #: A udev rule that onlines every new block with this type after ``onlining_delay``.
     udev_online_type: str | None = None
     onlining_delay: float = 0.0
+    #: udev waits ``onlining_delay`` plus a uniform random share of this (seeded).
+    onlining_jitter: float = 0.0
     memmap_on_memory: bool = False
     pressure_report_delay: int = 45
     status_interval: float = 1.0
@@ -68,8 +72,29 @@ class GuestConfig:
                 f"udev_online: must be one of {', '.join(ONLINE_TYPES[1:])}, "
                 f"not {self.udev_online_type!r}"
             )
-        if self.onlining_delay < 0:
-            raise ValueError("onlining_delay: must not be negative")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(
+                f"strategy: must be one of {', '.join(STRATEGIES)}, not {self.strategy!r}"
+            )
+        if self.driver_mode not in MODES:
+            raise ValueError(
+                f"driver_mode: must be one of {', '.join(MODES)}, not {self.driver_mode!r}"
+            )
+        if not (math.isfinite(self.onlining_delay) and self.onlining_delay >= 0):
+            raise ValueError(
+                f"onlining_delay: must be a finite number of seconds >= 0, "
+                f"not {self.onlining_delay!r}"
+            )
+        if not (math.isfinite(self.onlining_jitter) and self.onlining_jitter >= 0):
+            raise ValueError(
+                f"onlining_jitter: must be a finite number of seconds >= 0, "
+                f"not {self.onlining_jitter!r}"
+            )
+        if not (math.isfinite(self.status_interval) and self.status_interval > 0):
+            raise ValueError(
+                f"status_interval: must be a finite number of seconds > 0, "
+                f"not {self.status_interval!r}"
+            )
 
 
 @dataclass
@@ -91,8 +116,11 @@ class GuestVm:
         *,
         now: float = 0.0,
         on_event: Callable[[str, dict[str, Any]], None] | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self.config = config
+        #: The only source of randomness (udev jitter): seeded, so runs repeat.
+        self.rng = rng or random.Random(0)
         self.scheduler = Scheduler(now)
         self.mm = MemoryManager(
             config.boot_pages,
@@ -123,12 +151,13 @@ class GuestVm:
 
     # -- events ------------------------------------------------------------------
 
-    def _emit(self, kind: str, **data: Any) -> None:
+    def _emit(self, event_kind: str, **data: Any) -> None:
         if self._on_event is not None:
-            self._on_event(kind, data)
+            self._on_event(event_kind, data)
 
-    def _driver_event(self, kind: str, data: dict[str, object]) -> None:
-        self._emit(kind, **data)
+    def _driver_event(self, event_kind: str, data: dict[str, object]) -> None:
+        if self._on_event is not None:
+            self._on_event(event_kind, dict(data))
 
     # -- the transport side ---------------------------------------------------------
 
@@ -162,23 +191,41 @@ class GuestVm:
 
     # -- user space: sysfs ----------------------------------------------------------
 
-    def online_block(self, block_id: int, online_type: str = "online") -> None:
+    def online_block(self, block_id: int, online_type: str = "online") -> bool:
         """``echo <online_type> > memoryN/state``; raises MemoryHotplugError.
 
         With slow onlining injected, the onlining runs as a task that pauses between
         its callbacks and marking the sections online; errors then become events.
+        While another onlining holds ``mem_hotplug_lock`` the write blocks: here it
+        becomes a task that waits for the lock. Returns whether it ran at once.
         """
-        if self._take_slow() > 0:
+        pause = self._take_slow()
+        if pause > 0 or self.mm.hotplug_lock_holder is not None:
             self.scheduler.spawn(
-                f"online:memory{block_id}",
-                self._online_task(block_id, online_type, self.slow_onlining),
+                f"online:memory{block_id}", self._online_task(block_id, online_type, pause)
             )
-            return
+            return False
         self.mm.online_block(block_id, online_type)
         self._emit("block_onlined", block=block_id, online_type=online_type)
+        return True
 
-    def offline_block(self, block_id: int) -> None:
+    def offline_block(self, block_id: int) -> bool:
+        """``echo offline > memoryN/state``; waits (as a task) for ``mem_hotplug_lock``."""
+        if self.mm.hotplug_lock_holder is not None:
+            self.scheduler.spawn(f"offline:memory{block_id}", self._offline_task(block_id))
+            return False
         self.mm.offline_block(block_id)
+        self._emit("block_offlined", block=block_id)
+        return True
+
+    def _offline_task(self, block_id: int) -> Task:
+        while self.mm.hotplug_lock_holder is not None:
+            yield Sleep(0.001)
+        try:
+            self.mm.offline_block(block_id)
+        except MemoryHotplugError as err:
+            self._emit("offline_failed", block=block_id, errno=err.name, message=err.message)
+            return
         self._emit("block_offlined", block=block_id)
 
     def _take_slow(self) -> float:
@@ -212,8 +259,11 @@ class GuestVm:
         self.scheduler.spawn(f"udev:memory{block.id}", self._udev_task(block.id))
 
     def _udev_task(self, block_id: int) -> Task:
-        if self.config.onlining_delay > 0:
-            yield Sleep(self.config.onlining_delay)
+        delay = self.config.onlining_delay
+        if self.config.onlining_jitter > 0:
+            delay += self.rng.uniform(0, self.config.onlining_jitter)
+        if delay > 0:
+            yield Sleep(delay)
         block = self.mm.blocks.get(block_id)
         if block is None or block.state != "offline":
             return

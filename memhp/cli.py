@@ -61,7 +61,8 @@ def summary(result: dict[str, Any]) -> str:
         c = vm["counters"]
         online = sum(1 for b in vm["blocks"] if b["state"] == "online")
         lines.append(
-            f"  vm {vm_id} ({vm['strategy']}, {vm['driver_mode']}): MemTotal {format_size(mi['MemTotal'] << 10)}, "
+            f"  vm {vm_id} ({vm['strategy']}, {vm['driver_mode']}): "
+            f"MemTotal {format_size(mi['MemTotal'] << 10)}, "
             f"MemFree {format_size(mi['MemFree'] << 10)}, "
             f"blocks {online}/{len(vm['blocks'])} online, "
             f"added {c['num_pages_added']} onlined {c['num_pages_onlined']} "

@@ -58,16 +58,26 @@ def parse_pages(value: int | str, *, what: str = "size") -> int:
 
 
 def format_size(size: int) -> str:
-    """Bytes as lsmem prints them: ``128M``, ``2.9G``, ``0B``."""
-    if size == 0:
-        return "0B"
-    for suffix, unit in (("P", 1 << 50), ("T", TiB), ("G", GiB), ("M", MiB), ("K", KiB)):
-        if size >= unit:
-            whole, rest = divmod(size, unit)
-            if rest == 0:
-                return f"{whole}{suffix}"
-            return f"{size / unit:.1f}{suffix}"
-    return f"{size}B"
+    """Bytes as lsmem prints them: ``128M``, ``2.9G``, ``4.3G``, ``0B``.
+
+    util-linux's ``size_to_human_string``: the largest binary unit below the size, one
+    decimal rounded half up (``(frac + 50) / 100`` on thousandths), dropped when zero.
+    """
+    exp = 0
+    for shift in range(10, 70, 10):
+        if size < 1 << shift:
+            exp = shift - 10
+            break
+    letter = "BKMGTPE"[exp // 10]
+    whole = size >> exp
+    frac = size & ((1 << exp) - 1)
+    if frac:
+        frac = (frac * 1000) >> exp
+        frac = (frac + 50) // 100
+        if frac == 10:
+            whole += 1
+            frac = 0
+    return f"{whole}.{frac}{letter}" if frac else f"{whole}{letter}"
 
 
 def pages_to_str(pages: int) -> str:

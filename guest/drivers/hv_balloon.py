@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 
-from guest.kernel import Command, Scheduler, Sleep, Task, Wait
+from guest.kernel import Command, Scheduler, Sleep, Task, Wait, Work
 from guest.mm.errors import EEXIST, MemoryHotplugError
 from guest.mm.geometry import PAGES_PER_SECTION
 from guest.mm.memory import ZONE_NORMAL, HotplugLockBusy, MemoryManager
@@ -202,9 +202,13 @@ class HvBalloon:
         on_event: Callable[[str, dict[str, object]], None] | None = None,
     ) -> None:
         if mode not in MODES:
-            raise ValueError(f"driver mode must be one of {', '.join(MODES)}, not {mode!r}")
+            raise ValueError(f"driver_mode must be one of {', '.join(MODES)}, not {mode!r}")
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, not {strategy!r}")
+        if not status_interval > 0:
+            raise ValueError(
+                f"status_interval must be a positive number of seconds, not {status_interval!r}"
+            )
         self.mm = mm
         self.scheduler = scheduler
         self.mode = mode
@@ -230,8 +234,13 @@ class HvBalloon:
         #: at MEM_GOING_ONLINE (strategies where the core, not our callback, onlines them).
         self._onlining: dict[tuple[int, int], int] = {}
         self._on_event = on_event
-        self._hot_add_pending: HotAddRequest | None = None
-        self._balloon_pending: int | None = None
+        # The work items and their one global parameter slot each (dm_device.ha_wrk,
+        # dm_device.balloon_wrk): a request that arrives before the work runs overwrites
+        # the previous one (E4); one that arrives while it runs makes it run again.
+        self._hot_add_request: HotAddRequest | None = None
+        self._balloon_num_pages = 0
+        self._hot_add_wrk = Work(scheduler, "hv_balloon:hot_add", self._hot_add_work)
+        self._balloon_wrk = Work(scheduler, "hv_balloon:balloon_up", self._balloon_up_work)
         mm.notifier.register(self._memory_notifier, 0, name=DRIVER)
         if strategy == "callback":
             mm.set_online_page_callback(self.hv_online_page)
@@ -331,11 +340,8 @@ class HvBalloon:
             if self.state == DM_BALLOON_UP:
                 self._event("log", message="Currently ballooning")
             self.state = DM_BALLOON_UP
-            # One global slot: a second request before the work runs overwrites it (E4).
-            first = self._balloon_pending is None
-            self._balloon_pending = msg.num_pages
-            if first:
-                self.scheduler.spawn("hv_balloon:balloon_up", self._balloon_up_work())
+            self._balloon_num_pages = msg.num_pages
+            self._balloon_wrk.schedule()
         elif isinstance(msg, UnballoonRequest):
             self.state = DM_BALLOON_DOWN
             self._balloon_down(msg)
@@ -343,10 +349,8 @@ class HvBalloon:
             if self.state == DM_HOT_ADD:
                 self._event("log", message="Currently hot-adding")
             self.state = DM_HOT_ADD
-            first = self._hot_add_pending is None
-            self._hot_add_pending = msg
-            if first:
-                self.scheduler.spawn("hv_balloon:hot_add", self._hot_add_work())
+            self._hot_add_request = msg
+            self._hot_add_wrk.schedule()
         elif isinstance(msg, InfoMessage):
             self.max_dynamic_page_count = msg.max_page_count
         else:
@@ -386,7 +390,7 @@ class HvBalloon:
 
     def _hot_add_work(self) -> Task:
         """``hot_add_req``."""
-        msg = self._hot_add_pending
+        msg = self._hot_add_request
         assert msg is not None
         chunk = self.ha_pages_in_chunk
         pg_start, pfn_cnt = msg.range.start_page, msg.range.page_cnt
@@ -405,7 +409,6 @@ class HvBalloon:
         self.counters.num_pages_added += page_count
         result = 1 if page_count > 0 or not self.do_hot_add else 0
         self.state = DM_INITIALIZED
-        self._hot_add_pending = None
         self._send(HotAddResponse(self._next_trans_id(), page_count=page_count, result=result))
         self._event("hot_add_done", page_count=page_count, result=result)
 
@@ -555,7 +558,8 @@ class HvBalloon:
             self.ol_waitevent.reinit()
             while True:
                 try:
-                    self.mm.add_memory(start_pfn, chunk, owner=DRIVER)
+                    # add_memory(nid, addr, size, MHP_MERGE_RESOURCE): never memmap_on_memory.
+                    self.mm.add_memory(start_pfn, chunk, owner=DRIVER, memmap_on_memory=False)
                     break
                 except HotplugLockBusy:
                     # mem_hotplug_lock is held by an onlining in progress: sleep on it.
@@ -686,9 +690,7 @@ class HvBalloon:
 
     def _balloon_up_work(self) -> Task:
         """``balloon_up``: answer one request with one or more responses."""
-        num_pages = self._balloon_pending
-        assert num_pages is not None
-        self._balloon_pending = None
+        num_pages = self._balloon_num_pages
         avail = self.mm.meminfo()["MemAvailable"] // 4
         floor = compute_balloon_floor(self.mm.totalram_pages)
         if avail < num_pages or avail - num_pages < floor:

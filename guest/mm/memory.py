@@ -62,6 +62,7 @@ from guest.mm.pages import (
     RESERVED,
     UNINIT,
     UNINIT_PAGE,
+    VMEMMAP_PAGE,
     PageState,
     allocated,
     reserved,
@@ -510,7 +511,7 @@ class MemoryManager:
             )
             if use_altmap:
                 block.nr_vmemmap_pages = per_block_memmap
-                self.pages.set(block_start, block_start + per_block_memmap, reserved("vmemmap"))
+                self.pages.set(block_start, block_start + per_block_memmap, VMEMMAP_PAGE)
             else:
                 block.memmap_ranges = memmap_by_block[i]
             self.blocks[block.id] = block

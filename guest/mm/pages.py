@@ -52,3 +52,7 @@ def allocated(tag: str, movable: bool) -> PageState:
 
 def reserved(owner: str) -> PageState:
     return PageState(RESERVED, owner, 1)
+
+
+#: memmap_on_memory: the pages at the start of a block that hold its own memmap.
+VMEMMAP_PAGE = reserved("vmemmap")

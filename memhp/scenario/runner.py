@@ -21,8 +21,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import structlog
-
 from extents import RangeSet
 from guest.invariants import check_guest
 from guest.mm.dump import walk_dump
@@ -31,11 +29,21 @@ from guest.vm import GuestConfig, GuestVm
 from hypervisor.dm_host import DmHostSession
 from hypervisor.errors import HostCommandError
 from hypervisor.vm import VmConfig
+from memhp.logs import get_logger
 from memhp.scenario.result import guest_view, lookup
 from memhp.scenario.spec import Scenario, Step, VmSpec
 from memhp.units import PAGE_SHIFT, SizeError, parse_size
 
-log = structlog.get_logger("memhp.scenario")
+log = get_logger("memhp.scenario")
+
+#: The host's argument names, as the scenario file spells them, per step kind.
+HOST_FIELDS: dict[str, dict[str, str]] = {
+    "hot_add": {"region_pages": "region", "backed_pages": "backed", "offset_pages": "offset"},
+    "back": {"pages": "size", "start_page": "offset"},
+    "set_target": {"pages": "size"},
+    "balloon": {"pages": "size"},
+    "unballoon": {"pages": "size"},
+}
 
 #: A step that has not settled after this much virtual time is reported stuck.
 SETTLE_LIMIT_SECONDS = 3600.0
@@ -128,11 +136,13 @@ class ScenarioRunner:
                 auto_online_blocks=spec.auto_online,
                 udev_online_type=spec.udev_online,
                 onlining_delay=spec.onlining_delay,
+                onlining_jitter=spec.onlining_jitter,
                 memmap_on_memory=spec.memmap_on_memory,
                 pressure_report_delay=spec.pressure_report_delay,
             ),
             now=self.now,
             on_event=on_event,
+            rng=random.Random(f"{self.seed}:{spec.id}"),
         )
         node = Node(spec, host, guest)
         node_ref.append(node)
@@ -280,8 +290,11 @@ class ScenarioRunner:
         handler = getattr(self, f"_step_{step.kind}")
         try:
             return handler(node, a)
-        except HostCommandError as err:
+        except StepFailed as err:
             raise StepFailed(f"{step.label}: {err}") from None
+        except HostCommandError as err:
+            field = HOST_FIELDS.get(step.kind, {}).get(err.field, err.field)
+            raise StepFailed(f"{step.label}: {field}: {err.message}") from None
         except MemoryHotplugError as err:
             raise StepFailed(f"{step.label}: {err}") from None
         except ValueError as err:
@@ -467,9 +480,10 @@ def _convert(path: str, value: Any) -> Any:
     if not isinstance(value, str) or not value[:1].isdigit():
         return value
     size = parse_size(value)
-    if path.startswith("meminfo."):
-        return size >> 10
-    return size >> PAGE_SHIFT
+    unit, name = (1 << 10, "kB") if path.startswith("meminfo.") else (1 << PAGE_SHIFT, "pages")
+    if size % unit:
+        raise TypeError(f"{path}: {value!r} is not a whole number of {name}")
+    return size // unit
 
 
 def compare(path: str, actual: Any, expected: Any) -> tuple[bool, Any]:

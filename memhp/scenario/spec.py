@@ -8,6 +8,7 @@ by the multi-process one.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,22 +47,43 @@ class _Loader(yaml.SafeLoader):
     pass
 
 
+class _Seq(list[Any]):
+    """A YAML sequence that remembers the line of each item (1-based)."""
+
+    item_lines: list[int]
+
+
 def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> _Map:
+    explicit = [kv for kv in node.value if kv[0].tag != "tag:yaml.org,2002:merge"]
     loader.flatten_mapping(node)
+    # flatten_mapping puts the pairs merged in with "<<" first; explicit keys override them.
+    merged = node.value[: len(node.value) - len(explicit)]
     out = _Map()
     out.line = node.start_mark.line + 1
     out.key_lines = {}
-    for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        if not isinstance(key, str):
-            raise ScenarioError("", key_node.start_mark.line + 1, f"key {key!r} must be a string")
-        if key in out:
-            raise ScenarioError("", key_node.start_mark.line + 1, f"duplicate key {key!r}")
-        out[key] = loader.construct_object(value_node, deep=True)
-        out.key_lines[key] = key_node.start_mark.line + 1
+    seen: set[str] = set()
+    for pairs, explicit_pairs in ((merged, False), (explicit, True)):
+        for key_node, value_node in pairs:
+            key = loader.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if not isinstance(key, str):
+                raise ScenarioError("", line, f"key {key!r} must be a string")
+            if explicit_pairs:
+                if key in seen:
+                    raise ScenarioError("", line, f"duplicate key {key!r}")
+                seen.add(key)
+            out[key] = loader.construct_object(value_node, deep=True)
+            out.key_lines[key] = line
     return out
 
 
+def _construct_sequence(loader: _Loader, node: yaml.SequenceNode) -> _Seq:
+    out = _Seq(loader.construct_object(child, deep=True) for child in node.value)
+    out.item_lines = [child.start_mark.line + 1 for child in node.value]
+    return out
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_sequence)
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
@@ -76,6 +98,7 @@ class VmSpec:
     auto_online: str = "offline"
     udev_online: str | None = None
     onlining_delay: float = 0.0
+    onlining_jitter: float = 0.0
     memmap_on_memory: bool = False
     pressure_report_delay: int = 0
     expect_violations: list[str] = field(default_factory=list)
@@ -136,10 +159,22 @@ DEFAULT_SIZE_KEYS = {"size"}
 def load_scenario(path: str | Path) -> Scenario:
     path = str(path)
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as err:
         raise ScenarioError(path, None, f"cannot read: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        line = text_line_of(Path(path).read_bytes(), err.start)
+        raise ScenarioError(path, line, f"not UTF-8 text ({err.reason})") from None
     return parse_scenario(text, path)
+
+
+def text_line_of(data: bytes, offset: int) -> int:
+    return data.count(b"\n", 0, offset) + 1
+
+
+def _item_line(items: Any, index: int, fallback: int) -> int:
+    lines = getattr(items, "item_lines", None)
+    return lines[index] if lines and index < len(lines) else fallback
 
 
 def parse_scenario(text: str, path: str = "<scenario>") -> Scenario:
@@ -165,15 +200,20 @@ def parse_scenario(text: str, path: str = "<scenario>") -> Scenario:
     vms_raw = doc["vms"]
     if not isinstance(vms_raw, list) or not vms_raw:
         raise ScenarioError(path, doc.key_lines["vms"], "vms must be a non-empty list")
-    vms = [p.vm(v, doc.key_lines["vms"]) for v in vms_raw]
+    vms: list[VmSpec] = []
+    for i, raw in enumerate(vms_raw):
+        vm = p.vm(raw, _item_line(vms_raw, i, doc.key_lines["vms"]))
+        if any(other.id == vm.id for other in vms):
+            raise ScenarioError(path, vm.line, f"vm id {vm.id!r} is declared twice")
+        vms.append(vm)
     ids = [v.id for v in vms]
-    for v in vms:
-        if ids.count(v.id) > 1:
-            raise ScenarioError(path, v.line, f"vm id {v.id!r} is declared twice")
     steps_raw = doc["steps"]
     if not isinstance(steps_raw, list):
         raise ScenarioError(path, doc.key_lines["steps"], "steps must be a list")
-    steps = [p.step(s, i, set(ids), doc.key_lines["steps"]) for i, s in enumerate(steps_raw)]
+    steps = [
+        p.step(s, i, set(ids), _item_line(steps_raw, i, doc.key_lines["steps"]))
+        for i, s in enumerate(steps_raw)
+    ]
     return Scenario(
         path=path,
         name=str(doc.get("name", Path(path).stem)),
@@ -227,7 +267,7 @@ class _Parser:
     ) -> Any:
         value = m[key]
         ok = isinstance(value, int) if integer else isinstance(value, int | float)
-        if not ok or isinstance(value, bool) or value < minimum:
+        if not ok or isinstance(value, bool) or not math.isfinite(value) or value < minimum:
             kind = "an integer" if integer else "a number"
             raise self.fail(
                 m.key_lines[key], f"{what}.{key}: must be {kind} >= {minimum}, not {value!r}"
@@ -248,6 +288,7 @@ class _Parser:
                 "auto_online",
                 "udev_online",
                 "onlining_delay",
+                "onlining_jitter",
                 "memmap_on_memory",
                 "pressure_report_delay",
                 "expect_violations",
@@ -279,6 +320,8 @@ class _Parser:
             spec.udev_online = self.choice(raw, "udev_online", ONLINE_TYPES[1:], what)
         if "onlining_delay" in raw:
             spec.onlining_delay = float(self.number(raw, "onlining_delay", what))
+        if "onlining_jitter" in raw:
+            spec.onlining_jitter = float(self.number(raw, "onlining_jitter", what))
         if "memmap_on_memory" in raw:
             if not isinstance(raw["memmap_on_memory"], bool):
                 raise self.fail(
@@ -339,11 +382,18 @@ class _Parser:
         elif "vm" not in body:
             raise self.fail(body.line, f"{what}: missing required key 'vm'")
         args: dict[str, Any] = dict(body)
-        if "vm" in body and body["vm"] not in vm_ids:
-            raise self.fail(
-                body.key_lines["vm"],
-                f"{what}.vm: no vm {body['vm']!r} (declared: {', '.join(sorted(vm_ids))})",
-            )
+        if "vm" in body:
+            ref = body["vm"]
+            # An id written as 7 is the vm declared with id: 7 (ids are strings).
+            name = str(ref) if isinstance(ref, str | int) and not isinstance(ref, bool) else None
+            if name is None or name not in vm_ids:
+                raise self.fail(
+                    body.key_lines["vm"],
+                    f"{what}.vm: no vm {ref!r} (declared: {', '.join(sorted(vm_ids))})",
+                )
+            args["vm"] = name
+        if "tag" in body and not isinstance(body["tag"], str):
+            raise self.fail(body.key_lines["tag"], f"{what}.tag: must be a string")
         if kind != "expect":
             for key in SIZE_KEYS.get(kind, DEFAULT_SIZE_KEYS) & body.keys():
                 args[key] = self.size(body, key, what)
@@ -369,6 +419,10 @@ class _Parser:
         if kind == "hot_add" and "form" in body:
             args["form"] = self.choice(body, "form", ("region", "range"), what)
         if kind == "inject":
+            if "notifier" in body and "slow_onlining" in body:
+                raise self.fail(
+                    body.line, f"{what}: notifier and slow_onlining go in separate inject steps"
+                )
             if "notifier" in body:
                 args["notifier"] = self.choice(body, "notifier", NOTIFIER_ACTIONS, what)
                 if "errno" not in body:
