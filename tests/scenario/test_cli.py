@@ -153,9 +153,9 @@ def test_refused_step_exits_1_with_the_error(tmp_path: Path) -> None:
     path = write(tmp_path, "refused.yaml", text)
     proc = memhp(path)
     assert proc.returncode == 1
-    assert re.search(
-        r"^  ERROR step 2 \(hot_add, line 5\): region: ", proc.stdout, re.MULTILINE
-    ), proc.stdout
+    assert re.search(r"^  ERROR step 2 \(hot_add, line 5\): region: ", proc.stdout, re.MULTILINE), (
+        proc.stdout
+    )
     result = json.loads(memhp(path, "--json").stdout)
     assert result["ok"] is False
     assert result["error"].startswith("step 2 (hot_add, line 5): region:")
