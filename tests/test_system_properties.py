@@ -18,7 +18,7 @@ import contextlib
 import os
 from typing import Any
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from extents import RangeSet
@@ -157,11 +157,54 @@ PROPERTY_SETTINGS = settings(
 )
 
 
+def _racy_start() -> st.SearchStrategy[list[tuple[str, dict[str, Any]]]]:
+    """An allocator armed for the next Movable onlining window, then a partly backed region."""
+    return st.integers(1, 4 * BLOCK // PAGE - 1).map(
+        lambda backed: [
+            ("allocate", {"size": 1 << 30, "zone": "Movable", "tag": "a", "in_window": True}),
+            ("hot_add", {"region": 4 * BLOCK, "backed": backed * PAGE}),
+        ]
+    )
+
+
+def _gap_start() -> st.SearchStrategy[list[tuple[str, dict[str, Any]]]]:
+    """A region, backing at an offset that leaves a gap, then backing inside that gap."""
+
+    def build(t: tuple[int, int, int, int]) -> list[tuple[str, dict[str, Any]]]:
+        backed, gap, into, size = t
+        return [
+            ("hot_add", {"region": 4 * BLOCK, "backed": backed * PAGE}),
+            ("back", {"offset": (backed + gap) * PAGE, "size": size * PAGE}),
+            ("back", {"offset": (backed + into % gap) * PAGE, "size": 1 * PAGE}),
+        ]
+
+    quarter = BLOCK // PAGE
+    return st.tuples(
+        st.integers(1, quarter),
+        st.integers(1, quarter),
+        st.integers(0, quarter),
+        st.integers(1, quarter),
+    ).map(build)
+
+
+movable_configs = st.fixed_dictionaries(
+    {
+        "auto_online": st.sampled_from(["offline", "online_movable"]),
+        "udev_online": st.just("online_movable"),
+        "onlining_delay": st.sampled_from([0.0, 0.5, 4.5]),
+    }
+)
+
+
 @PROPERTY_SETTINGS
 @given(
     strategy=st.sampled_from(["callback", "going-online"]),
-    config=vm_configs,
-    ops=_ops(window=False),
+    config=st.one_of(vm_configs, movable_configs),
+    ops=st.one_of(
+        _ops(window=False),
+        st.tuples(_gap_start(), _ops(window=False)).map(lambda t: t[0] + t[1][1:]),
+        st.tuples(_racy_start(), _ops(window=True)).map(lambda t: t[0] + t[1][1:]),
+    ),
 )
 def test_sound_designs_keep_every_invariant(
     strategy: str, config: dict[str, Any], ops: list[tuple[str, dict[str, Any]]]
@@ -174,7 +217,10 @@ def test_sound_designs_keep_every_invariant(
 
 
 @PROPERTY_SETTINGS
-@given(config=vm_configs, ops=_ops(window=True))
+@given(
+    config=movable_configs,
+    ops=st.tuples(_racy_start(), _ops(window=True)).map(lambda t: t[0] + t[1][1:]),
+)
 def test_online_then_reclaim_race_is_always_reported(
     config: dict[str, Any], ops: list[tuple[str, dict[str, Any]]]
 ) -> None:
@@ -208,3 +254,41 @@ def test_online_then_reclaim_race_is_always_reported(
 
     node.guest.mm.phase_hooks[node.guest.mm.phase_hooks.index(original)] = spy
     _play(runner, after)
+    event("window allocation took unbacked pages" if raced else "no unbacked page taken")
+
+
+@PROPERTY_SETTINGS
+@given(
+    config=vm_configs,
+    ops=st.tuples(_gap_start(), _ops(window=False)).map(lambda t: t[0] + t[1][1:]),
+)
+def test_upstream_backing_into_a_gap_is_always_reported(
+    config: dict[str, Any], ops: list[tuple[str, dict[str, Any]]]
+) -> None:
+    """Upstream hv_balloon mishandles backing that starts inside a gap (E2): every time a
+    request does that, the checker must say so."""
+    runner = _run("callback", "upstream", config, ops)
+    node = runner.nodes["g"]
+    triggers: list[str] = []
+    original_deliver = node.guest.deliver
+
+    def deliver(msg: Any) -> None:
+        # Look at each hot-add request as the guest gets it: does it start in a gap?
+        rng = getattr(msg, "range", None)
+        if rng is not None and getattr(msg, "region", None) is None:
+            for has in node.guest.driver.ha_regions:
+                if has.start_pfn <= rng.start_page < has.end_pfn:
+                    if rng.start_page < has.covered_end_pfn:
+                        triggers.append(runner.current_step)
+                    break
+        original_deliver(msg)
+
+    node.guest.deliver = deliver  # type: ignore[method-assign]
+
+    def after(runner: ScenarioRunner, step: Step) -> None:
+        if triggers and triggers[-1] == step.label:
+            reported = {(v.invariant, v.step) for v in node.violations}
+            assert ("region-bookkeeping", step.label) in reported, step.label
+
+    _play(runner, after)
+    event("backing into a gap" if triggers else "no backing into a gap")
