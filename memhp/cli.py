@@ -9,13 +9,19 @@ violation was declared expected, 1 otherwise, 2 for a bad scenario file.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import importlib
 import json
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from memhp.logs import configure_logging
 from memhp.units import format_size
+
+#: Modules with ``add_subparser(subparsers)``: ``memhp hypervisor``, ``memhp guest``, ...
+PROCESS_COMMANDS: tuple[str, ...] = ()
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -102,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--sysfs-out", metavar="DIR", help="write DIR/<vm>/sys/devices/system/memory")
     run.add_argument("--seed", type=int, help="override the scenario's seed")
     run.set_defaults(func=_scenario_run)
+    # The process commands register themselves (each module adds its own subcommand).
+    for module in PROCESS_COMMANDS:
+        importlib.import_module(module).add_subparser(sub)
     return parser
 
 
@@ -111,6 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.log_level, json=args.log_json)
     code: int = args.func(args)
     return code
+
+
+def run_async(main: Callable[[], Awaitable[int]]) -> int:
+    """Run a process command's coroutine; SIGINT/SIGTERM end it cleanly (exit 0)."""
+    return asyncio.run(main())
 
 
 if __name__ == "__main__":
