@@ -13,7 +13,7 @@ import asyncio
 import importlib
 import json
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -122,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
-def run_async(main: Callable[[], Awaitable[int]]) -> int:
-    """Run a process command's coroutine; SIGINT/SIGTERM end it cleanly (exit 0)."""
+def run_async(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
+    """Run a process command's coroutine to completion and return its exit status."""
     return asyncio.run(main())
 
 
