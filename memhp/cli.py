@@ -21,7 +21,7 @@ from memhp.logs import configure_logging
 from memhp.units import format_size
 
 #: Modules with ``add_subparser(subparsers)``: ``memhp hypervisor``, ``memhp guest``, ...
-PROCESS_COMMANDS: tuple[str, ...] = ()
+PROCESS_COMMANDS: tuple[str, ...] = ("memhp.trace",)
 
 EXIT_OK = 0
 EXIT_FAILED = 1
