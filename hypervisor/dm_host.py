@@ -17,7 +17,7 @@ adapter decides whether to :meth:`~DmHostSession.reset`.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 from extents import RangeSet
@@ -251,6 +251,57 @@ class DmHostSession:
             region.guest_known = False
         self._init_channel()
         self._emit("reset")
+
+    # -- snapshot --------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """JSON-friendly state that outlives the channel and the process.
+
+        The ground truth (regions with their backed and added ranges, ballooned ranges),
+        the target and whether the guest disabled hot-add. The channel (negotiation,
+        trans_id, the transaction in flight) and queued commands are not part of it.
+        """
+        return {
+            "target_pages": self._target,
+            "hot_add_disabled": self._hot_add_disabled,
+            **self._truth.snapshot(),
+        }
+
+    def restore(self, data: Mapping[str, Any]) -> None:
+        """Start a fresh channel (VERSION, trans_id 0) over the state of a :meth:`snapshot`.
+
+        Work in flight and queued is dropped (its regions belong to the old truth). A
+        snapshot that does not fit this VM raises ValueError and changes nothing.
+        """
+        truth = GroundTruth.from_snapshot(self.config, data)
+        target = data.get("target_pages")
+        if target is not None:
+            if isinstance(target, bool) or not isinstance(target, int):
+                raise ValueError(f"target_pages: must be an integer or null, got {target!r}")
+            if not 0 <= target <= self.config.max_pages:
+                raise ValueError(f"target_pages: {target} outside 0..{self.config.max_pages}")
+        for cmd in ([self._command] if self._command is not None else []) + list(self._queue):
+            self._emit("command_dropped", command=cmd.describe(), reason="restore")
+        self._command = None
+        self._queue.clear()
+        self._truth = truth
+        self._target = target
+        self._init_channel()
+        self._hot_add_disabled = bool(data.get("hot_add_disabled", False))
+        self._emit(
+            "restored",
+            regions=len(truth.regions),
+            current_pages=truth.current_pages,
+            ballooned_pages=len(truth.ballooned),
+        )
+
+    @classmethod
+    def from_snapshot(
+        cls, config: VmConfig, data: Mapping[str, Any], *, post_init_delay: float = 0.0
+    ) -> DmHostSession:
+        session = cls(config, post_init_delay=post_init_delay)
+        session.restore(data)
+        return session
 
     # -- operator commands -----------------------------------------------------
 

@@ -8,9 +8,10 @@ pages are discarded (unbacked) until they are unballooned. Everything is extents
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 from extents import RangeSet
 from hypervisor.vm import VmConfig
@@ -53,6 +54,26 @@ class HotAddRegion:
 
     def contains(self, start: int, end: int) -> bool:
         return self.start <= start and end <= self.end
+
+    def snapshot(self) -> dict[str, Any]:
+        """JSON-friendly: what outlives the process (``pending`` belongs to queued work)."""
+        return {
+            "start": self.start,
+            "size": self.size,
+            "backed": [[s, e] for s, e in self.backed.ranges()],
+            "added": [[s, e] for s, e in self.added.ranges()],
+            "unusable": self.unusable,
+            "guest_known": self.guest_known,
+        }
+
+    @property
+    def offered(self) -> bool:
+        """The host backed part of it (always before telling the guest) or the guest holds it."""
+        return bool(self.backed) or self.guest_known
+
+    def fingerprint(self) -> tuple[int, int, bool, bool]:
+        """Cheap change detector: backing and added pages only ever grow or shrink in count."""
+        return (len(self.backed), len(self.added), self.unusable, self.guest_known)
 
     def offered_end(self) -> int:
         """End of the highest page backed or queued for backing (the region start if none)."""
@@ -176,3 +197,70 @@ class GroundTruth:
         """VMBus reset: balloon tracking is dropped and the pages are usable (backed) again."""
         for start, end in list(self.ballooned.ranges()):
             self.unballoon(start, end)
+
+    # -- snapshot --------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """JSON-friendly truth: regions and ballooned ranges (backed and RAM follow from them).
+
+        Only regions that were offered count: one that only queued work reserved holds
+        nothing once that work is gone (a snapshot never carries queued work).
+
+        ``backed`` is boot memory plus every region's backed pages minus the ballooned
+        ones, and guest RAM is boot memory plus every region's added pages, so neither is
+        stored.
+        """
+        return {
+            "ballooned": [[s, e] for s, e in self.ballooned.ranges()],
+            "regions": [r.snapshot() for r in self.regions if r.offered],
+        }
+
+    @classmethod
+    def from_snapshot(cls, config: VmConfig, data: Mapping[str, Any]) -> GroundTruth:
+        """Rebuild the truth from :meth:`snapshot`; ValueError names what does not fit."""
+        truth = cls(config)
+        for i, raw in enumerate(data.get("regions", ())):
+            what = f"regions[{i}]"
+            if not isinstance(raw, Mapping):
+                raise ValueError(f"{what}: must be a mapping, got {raw!r}")
+            start = _int(raw.get("start"), f"{what}.start")
+            size = _int(raw.get("size"), f"{what}.size")
+            if start < config.boot_pages or size <= 0 or start + size > config.max_pages:
+                raise ValueError(
+                    f"{what}: [{start:#x}, {start + size:#x}) is not inside the hotplug "
+                    f"window [{config.boot_pages:#x}, {config.max_pages:#x})"
+                )
+            if not truth.windows.disjoint(start, start + size):
+                raise ValueError(f"{what}: [{start:#x}, {start + size:#x}) overlaps a region")
+            region = truth.place_region(start, size)
+            for s, e in _ranges(raw.get("backed", ()), f"{what}.backed"):
+                if not region.contains(s, e):
+                    raise ValueError(f"{what}.backed: [{s:#x}, {e:#x}) outside the region")
+                truth.back(region, s, e)
+            for s, e in _ranges(raw.get("added", ()), f"{what}.added"):
+                if not region.backed.covers(s, e):
+                    raise ValueError(f"{what}.added: [{s:#x}, {e:#x}) was never backed")
+                truth.record_added(region, s, e)
+            region.unusable = bool(raw.get("unusable", False))
+            region.guest_known = bool(raw.get("guest_known", False))
+        for s, e in _ranges(data.get("ballooned", ()), "ballooned"):
+            if not truth.ram.covers(s, e):
+                raise ValueError(f"ballooned: [{s:#x}, {e:#x}) is not guest RAM")
+            truth.balloon(s, e)
+        return truth
+
+
+def _int(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{what}: must be a non-negative integer, got {value!r}")
+    return value
+
+
+def _ranges(raw: Iterable[Any], what: str) -> Iterator[tuple[int, int]]:
+    for i, pair in enumerate(raw):
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise ValueError(f"{what}[{i}]: must be a [start, end) pair, got {pair!r}")
+        start, end = _int(pair[0], f"{what}[{i}]"), _int(pair[1], f"{what}[{i}]")
+        if start >= end:
+            raise ValueError(f"{what}[{i}]: empty range [{start:#x}, {end:#x})")
+        yield start, end

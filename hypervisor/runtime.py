@@ -1,0 +1,515 @@
+"""The hypervisor's VMs at run time: one host session per VM, attach and detach, events.
+
+This is the process adapter's core, shared by the DM channel and the Control service:
+it owns a :class:`DmHostSession` per VM and runs every input through it (a guest
+frame, an operator command, a clock tick), then does what the session cannot: sends
+its messages to the attached guest, answers a protocol error with a notice and a
+reset, applies the VM's target policy to status reports, publishes events and writes
+what changed to the state file. Everything runs on one asyncio loop, so a step is
+never interleaved with another; nothing here knows gRPC beyond the message types.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Final
+
+import structlog
+
+from hypervisor.dm_host import DmHostSession
+from hypervisor.errors import HostCommandError
+from hypervisor.events import HostEvent, ProtocolViolation
+from hypervisor.ground_truth import HotAddRegion
+from hypervisor.policy import DynamicPolicy, ManualPolicy, TargetPolicy, policy_from_data
+from hypervisor.reconcile import GuestState, ReconcileReport, reattach
+from hypervisor.store import StateStore, TruthWriter
+from hypervisor.vm import VmConfig
+from memhp import dm, wire
+from memhp.logs import get_logger
+from memhp.v1 import dm_pb2
+
+#: How many commands may wait behind the running one before the host says no.
+MAX_QUEUED_COMMANDS: Final = 16
+#: Events a slow watcher may fall behind before its stream is closed.
+WATCH_QUEUE_SIZE: Final = 10_000
+#: Session events after which every region is checked for changes, not just the active ones.
+_FULL_CHECK: Final = frozenset({"reset", "restored", "command_dropped", "hot_add_disabled"})
+#: Events logged at debug level (they come every second from every guest).
+_QUIET: Final = frozenset({"status_report", "command_queued", "command_started", "command_done"})
+
+_VM_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+log = get_logger("hypervisor")
+
+
+class ServiceError(Exception):
+    """A request the hypervisor refuses: a gRPC-style ``code``, the proto field, the rule."""
+
+    def __init__(self, code: str, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.code = code
+        self.field = field
+        self.message = message
+
+
+def check_vm_id(vm_id: str) -> None:
+    if not _VM_ID.match(vm_id):
+        raise ServiceError(
+            "invalid_argument",
+            "vm_id",
+            f"must be 1-64 letters, digits, '.', '_' or '-' starting with a letter or digit, "
+            f"got {vm_id!r}",
+        )
+
+
+@dataclass(frozen=True)
+class PublishedEvent:
+    timestamp: float
+    vm_id: str
+    kind: str
+    payload: dict[str, object]
+    source: str = "host"
+
+
+class Subscription:
+    """One watcher: a bounded queue of the events it asked for."""
+
+    def __init__(self, vm_ids: Iterable[str], kinds: Iterable[str]) -> None:
+        self.vm_ids = frozenset(vm_ids)
+        self.kinds = frozenset(kinds)
+        self.queue: asyncio.Queue[PublishedEvent | None] = asyncio.Queue(WATCH_QUEUE_SIZE)
+        self.overflowed = False
+        self.closed = False
+
+    def wants(self, event: PublishedEvent) -> bool:
+        return (not self.vm_ids or event.vm_id in self.vm_ids) and (
+            not self.kinds or event.kind in self.kinds
+        )
+
+
+class EventHub:
+    """Fans events out to watchers; a watcher that falls behind is cut off, never waited for."""
+
+    def __init__(self) -> None:
+        self._subs: set[Subscription] = set()
+
+    def subscribe(self, vm_ids: Iterable[str] = (), kinds: Iterable[str] = ()) -> Subscription:
+        sub = Subscription(vm_ids, kinds)
+        self._subs.add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        self._subs.discard(sub)
+
+    def publish(self, event: PublishedEvent) -> None:
+        for sub in list(self._subs):
+            if sub.wants(event):
+                try:
+                    sub.queue.put_nowait(event)
+                except asyncio.QueueFull:
+                    sub.overflowed = True
+                    self._subs.discard(sub)
+
+    def close(self) -> None:
+        for sub in list(self._subs):
+            sub.closed = True
+            with contextlib.suppress(asyncio.QueueFull):
+                sub.queue.put_nowait(None)
+        self._subs.clear()
+
+
+@dataclass
+class Defaults:
+    """The VM made on first attach of an unknown vm_id (pages)."""
+
+    boot_pages: int
+    max_pages: int
+    block_pages: int
+
+
+@dataclass(eq=False)
+class VmHandle:
+    """One VM: its definition, host session, policy and the attached guest's outbox."""
+
+    config: VmConfig
+    session: DmHostSession
+    policy: TargetPolicy
+    writer: TruthWriter
+    origin: float = field(default_factory=time.monotonic)
+    #: Messages for the attached guest's stream (None ends it); None while detached.
+    outbox: asyncio.Queue[dm_pb2.HostToGuest | None] | None = None
+    #: Increases on every attach, so a stale stream cannot detach a newer one.
+    epoch: int = 0
+    #: The session has history (attached before, or restored from the state file).
+    touched: bool = False
+    seen_errors: int = 0
+    log: structlog.stdlib.BoundLogger = field(default_factory=lambda: log)
+
+    @property
+    def vm_id(self) -> str:
+        return self.config.vm_id
+
+    @property
+    def attached(self) -> bool:
+        return self.outbox is not None
+
+    def now(self) -> float:
+        """Session time: seconds since this VM's session started."""
+        return time.monotonic() - self.origin
+
+    def send(self, msg: dm_pb2.HostToGuest) -> None:
+        if self.outbox is not None:
+            self.outbox.put_nowait(msg)
+
+
+def _txn_region(session: DmHostSession) -> HotAddRegion | None:
+    txn = session.in_flight
+    return None if txn is None else txn.target_region
+
+
+class Hypervisor:
+    """Every VM, keyed by vm_id; the one place their sessions are driven."""
+
+    def __init__(
+        self,
+        store: StateStore,
+        *,
+        defaults: Defaults | None,
+        post_init_delay: float = 0.0,
+        max_queued: int = MAX_QUEUED_COMMANDS,
+    ) -> None:
+        self.store = store
+        self.defaults = defaults
+        self.post_init_delay = post_init_delay
+        self.max_queued = max_queued
+        self.vms: dict[str, VmHandle] = {}
+        self.events = EventHub()
+        #: Set by :meth:`shutdown`: streams end because the hypervisor stops.
+        self.stopping = False
+
+    # -- VM definitions --------------------------------------------------------
+
+    def load(self) -> None:
+        """Bring back every VM of the state file with its policy and truth."""
+        for stored in self.store.load():
+            policy = policy_from_data(stored.config, stored.policy)
+            handle = self._handle(stored.config, policy)
+            if stored.snapshot is not None:
+                handle.session.restore(stored.snapshot)
+                handle.session.drain_events()
+                handle.touched = True
+            handle.writer.save(handle.session, check_all=True)
+            self.vms[stored.config.vm_id] = handle
+            handle.log.info(
+                "vm_loaded",
+                regions=len(handle.session.regions),
+                current_pages=handle.session.current_pages,
+                policy=policy.kind,
+            )
+
+    def _handle(self, config: VmConfig, policy: TargetPolicy) -> VmHandle:
+        session = DmHostSession(config, post_init_delay=self.post_init_delay)
+        session.drain_events()  # "attach" at creation is not news; attaching is
+        return VmHandle(
+            config,
+            session,
+            policy,
+            TruthWriter(self.store, config.vm_id),
+            log=log.bind(vm=config.vm_id),
+        )
+
+    def create_vm(self, config: VmConfig, policy: TargetPolicy | None = None) -> VmHandle:
+        check_vm_id(config.vm_id)
+        if config.vm_id in self.vms:
+            raise ServiceError("already_exists", "vm_id", f"VM {config.vm_id!r} already exists")
+        policy = policy or ManualPolicy()
+        handle = self._handle(config, policy)
+        self.store.add_vm(config, policy.as_data())
+        handle.writer.save(handle.session, check_all=True)
+        self.vms[config.vm_id] = handle
+        self._publish(
+            handle,
+            "vm_created",
+            {
+                "boot_pages": config.boot_pages,
+                "max_pages": config.max_pages,
+                "block_pages": config.block_pages,
+            },
+        )
+        return handle
+
+    def get(self, vm_id: str) -> VmHandle:
+        handle = self.vms.get(vm_id)
+        if handle is None:
+            raise ServiceError("not_found", "vm_id", f"no VM {vm_id!r}")
+        return handle
+
+    def attached(self, vm_id: str) -> VmHandle:
+        handle = self.get(vm_id)
+        if not handle.attached:
+            raise ServiceError(
+                "failed_precondition", "vm_id", f"VM {vm_id!r} has no attached guest"
+            )
+        return handle
+
+    # -- the DM channel --------------------------------------------------------
+
+    def attach(self, vm_id: str, state: GuestState | None) -> VmHandle:
+        """A guest opened a channel; its outbox starts with ``attached``."""
+        check_vm_id(vm_id)
+        handle = self.vms.get(vm_id)
+        created = False
+        if handle is None:
+            if self.defaults is None:
+                raise ServiceError(
+                    "not_found",
+                    "vm_id",
+                    f"no VM {vm_id!r} is defined (and --no-default-vm is set)",
+                )
+            d = self.defaults
+            handle = self.create_vm(VmConfig(vm_id, d.boot_pages, d.max_pages, d.block_pages))
+            created = True
+        if handle.attached:
+            raise ServiceError(
+                "already_exists", "vm_id", f"VM {vm_id!r} already has an attached guest"
+            )
+        report = ReconcileReport()
+        if handle.touched or state is not None:
+            report = reattach(handle.session, state)
+            handle.seen_errors = len(handle.session.protocol_errors)
+        reattached = handle.touched
+        handle.touched = True
+        handle.epoch += 1
+        handle.outbox = asyncio.Queue()
+        cfg = handle.config
+        handle.send(
+            dm_pb2.HostToGuest(
+                attached=dm_pb2.Attached(
+                    layout=dm_pb2.VmLayout(
+                        vm_id=vm_id,
+                        boot_pages=cfg.boot_pages,
+                        max_pages=cfg.max_pages,
+                        block_pages=cfg.block_pages,
+                    )
+                )
+            )
+        )
+        self._publish(
+            handle,
+            "attach",
+            {
+                "boot_pages": cfg.boot_pages,
+                "max_pages": cfg.max_pages,
+                "block_pages": cfg.block_pages,
+                "created": created,
+                "reattach": reattached,
+                "guest_state": state is not None,
+                "reconcile": report.as_data(),
+            },
+        )
+        self._finish(handle, [], None, full=True)
+        return handle
+
+    def detach(self, handle: VmHandle, epoch: int, reason: str) -> None:
+        """The guest's stream ended; the session (and its truth) stays for a reattach."""
+        if handle.epoch != epoch or handle.outbox is None:
+            return
+        handle.outbox = None
+        self._publish(handle, "detach", {"reason": reason, "dm_state": handle.session.state})
+
+    def guest_frame(self, handle: VmHandle, frame: dm_pb2.DmFrame) -> None:
+        """One DM frame from the attached guest."""
+        try:
+            msg = wire.from_frame(frame)
+        except dm.ProtocolError as err:
+            violation = ProtocolViolation("malformed-frame", str(err), frame.trans_id)
+            self._finish(handle, [], _txn_region(handle.session), malformed=violation)
+            return
+        before = _txn_region(handle.session)
+        handle.log.debug("frame_in", kind=type(msg).__name__, trans_id=msg.trans_id)
+        out = handle.session.receive(msg, handle.now())
+        self._finish(handle, out, before)
+
+    def guest_broke_rule(self, handle: VmHandle, kind: str, message: str) -> None:
+        """A guest message outside the DM protocol (not a frame): notice and reset."""
+        violation = ProtocolViolation(kind, message)
+        self._finish(handle, [], _txn_region(handle.session), malformed=violation)
+
+    # -- operator commands -----------------------------------------------------
+
+    def command(
+        self, vm_id: str, run: Callable[[DmHostSession, float], list[dm.DmMessage]]
+    ) -> VmHandle:
+        """Run an operator command on an attached VM's session.
+
+        Raises :class:`ServiceError` (unknown VM, no guest, too much queued) or the
+        session's :class:`HostCommandError`; either way nothing changed.
+        """
+        handle = self.attached(vm_id)
+        queued = len(handle.session.queued)
+        if queued >= self.max_queued:
+            raise ServiceError(
+                "resource_exhausted",
+                "vm_id",
+                f"{queued} commands already wait for VM {vm_id!r} (at most {self.max_queued})",
+            )
+        before = _txn_region(handle.session)
+        out = run(handle.session, handle.now())
+        self._finish(handle, out, before)
+        return handle
+
+    def set_policy(self, vm_id: str, policy: TargetPolicy) -> VmHandle:
+        handle = self.get(vm_id)
+        handle.policy = policy
+        self.store.set_policy(vm_id, policy.as_data())
+        self._publish(handle, "policy", policy.as_data())
+        committed = handle.session.committed_pages
+        if handle.attached and committed is not None:
+            before = _txn_region(handle.session)
+            out = self._apply_policy(handle, committed)
+            self._finish(handle, out, before)
+        return handle
+
+    # -- time ------------------------------------------------------------------
+
+    def tick_all(self) -> None:
+        for handle in list(self.vms.values()):
+            if not handle.attached:
+                continue
+            session = handle.session
+            before = _txn_region(session)
+            out = session.tick(handle.now())
+            if out or session.events:
+                self._finish(handle, out, before)
+
+    def next_wakeup(self) -> float | None:
+        """Seconds until the earliest session deadline of an attached VM, or None."""
+        waits = [
+            deadline - h.now()
+            for h in self.vms.values()
+            if h.attached and (deadline := h.session.next_deadline()) is not None
+        ]
+        return max(min(waits), 0.0) if waits else None
+
+    def shutdown(self) -> None:
+        """End every guest stream and watcher (the server stops after this)."""
+        self.stopping = True
+        for handle in self.vms.values():
+            if handle.outbox is not None:
+                handle.outbox.put_nowait(None)
+        self.events.close()
+
+    # -- after every step --------------------------------------------------------
+
+    def _finish(
+        self,
+        handle: VmHandle,
+        out: list[dm.DmMessage],
+        before: HotAddRegion | None,
+        *,
+        malformed: ProtocolViolation | None = None,
+        full: bool = False,
+    ) -> None:
+        """Send, enforce the protocol, publish, apply the policy, persist."""
+        session = handle.session
+        events: list[HostEvent] = []
+        violation = malformed
+        if malformed is not None:
+            events.append(
+                HostEvent(
+                    "protocol_error",
+                    {"vm_id": handle.vm_id, "state": session.state, **malformed.as_data()},
+                )
+            )
+        errors = session.protocol_errors[handle.seen_errors :]
+        if violation is None and errors:
+            violation = errors[0]
+        events += session.drain_events()
+        if violation is not None:
+            # The guest broke the protocol: whatever the session answered is void; the
+            # guest renegotiates on the same stream after the notice.
+            handle.send(
+                dm_pb2.HostToGuest(
+                    error=dm_pb2.ProtocolErrorNotice(
+                        kind=violation.kind, message=violation.message, action="reset"
+                    )
+                )
+            )
+            handle.log.warning(
+                "protocol_error",
+                kind=violation.kind,
+                message=violation.message,
+                trans_id=violation.trans_id,
+                action="reset",
+            )
+            session.reset()
+            handle.seen_errors = len(session.protocol_errors)
+            events += session.drain_events()
+            out = []
+            for e in events:
+                if e.kind == "protocol_error":
+                    e.data["action"] = "reset"
+        self._publish_all(handle, events)
+        self._send(handle, out)
+        status = [e for e in events if e.kind == "status_report"]
+        full = full or violation is not None or any(e.kind in _FULL_CHECK for e in events)
+        if status and violation is None and handle.attached:
+            committed = status[-1].data.get("committed_pages")
+            if isinstance(committed, int):
+                more = self._apply_policy(handle, committed)
+                policy_events = session.drain_events()
+                self._publish_all(handle, policy_events)
+                self._send(handle, more)
+                full = full or any(e.kind in _FULL_CHECK for e in policy_events)
+        handle.writer.save(session, check_all=full, also=(before,))
+
+    def _apply_policy(self, handle: VmHandle, committed: int) -> list[dm.DmMessage]:
+        policy = handle.policy
+        if not isinstance(policy, DynamicPolicy):
+            return []
+        session = handle.session
+        current = session.target_pages
+        if current is None:
+            current = session.current_pages
+        target = policy.decide(committed, current, handle.config.block_pages)
+        if target is None:
+            return []
+        self._publish(
+            handle,
+            "policy_decision",
+            {
+                "policy": policy.kind,
+                "committed_pages": committed,
+                "buffer_percent": policy.buffer_percent,
+                "minimum_pages": policy.minimum_pages,
+                "maximum_pages": policy.maximum_pages,
+                "previous_target_pages": current,
+                "target_pages": target,
+            },
+        )
+        try:
+            return session.set_target(target, handle.now())
+        except HostCommandError as err:
+            handle.log.warning("policy_target_refused", target_pages=target, error=str(err))
+            return []
+
+    def _send(self, handle: VmHandle, out: list[dm.DmMessage]) -> None:
+        for msg in out:
+            handle.log.debug("frame_out", kind=type(msg).__name__, trans_id=msg.trans_id)
+            handle.send(dm_pb2.HostToGuest(frame=wire.to_frame(msg)))
+
+    def _publish_all(self, handle: VmHandle, events: list[HostEvent]) -> None:
+        for event in events:
+            payload = dict(event.data)
+            payload.pop("vm_id", None)
+            self._publish(handle, event.kind, payload)
+
+    def _publish(self, handle: VmHandle, kind: str, payload: dict[str, object]) -> None:
+        level = handle.log.debug if kind in _QUIET else handle.log.info
+        level(kind, **{k: v for k, v in payload.items() if v is not None})
+        self.events.publish(PublishedEvent(time.time(), handle.vm_id, kind, payload))

@@ -1,0 +1,236 @@
+"""The hypervisor's state file: VM definitions, policies and ground truth in SQLite.
+
+Written after every change, so a restarted hypervisor loses nothing and its guests
+reattach to the same state (``--state FILE``; an in-memory database when absent).
+A VM's truth is one row for the VM-wide part (target, hot-add disabled, ballooned
+ranges) plus one row per hot-add region, so a change rewrites only what changed: a
+guest grown to 1 TiB in 128 MiB steps has 8192 regions, and each transaction touches
+one or two.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hypervisor.dm_host import DmHostSession
+from hypervisor.ground_truth import HotAddRegion
+from hypervisor.vm import VmConfig
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS vms (
+    vm_id TEXT PRIMARY KEY,
+    boot_pages INTEGER NOT NULL,
+    max_pages INTEGER NOT NULL,
+    block_pages INTEGER NOT NULL,
+    policy TEXT NOT NULL,
+    seq INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS vm_state (
+    vm_id TEXT PRIMARY KEY REFERENCES vms(vm_id),
+    target_pages INTEGER,
+    hot_add_disabled INTEGER NOT NULL,
+    ballooned TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS regions (
+    vm_id TEXT NOT NULL REFERENCES vms(vm_id),
+    start_page INTEGER NOT NULL,
+    data TEXT NOT NULL,
+    PRIMARY KEY (vm_id, start_page)
+);
+"""
+
+
+class StateFileError(Exception):
+    """The state file cannot be opened or does not hold what this version writes."""
+
+
+@dataclass
+class StoredVm:
+    config: VmConfig
+    policy: dict[str, Any]
+    snapshot: dict[str, Any] | None
+
+
+class StateStore:
+    """SQLite persistence; ``path=None`` keeps it in memory (lost on exit)."""
+
+    def __init__(self, path: str | Path | None) -> None:
+        self.path = None if path is None else Path(path)
+        try:
+            self._db = sqlite3.connect(":memory:" if self.path is None else str(self.path))
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # WAL + NORMAL: a commit survives a crash of this process (not of the machine)
+            # without an fsync per transaction.
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+            row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+            if row is None:
+                self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+                self._db.commit()
+            elif row[0] != str(SCHEMA_VERSION):
+                raise StateFileError(
+                    f"{self.path}: schema version {row[0]}, this hypervisor writes {SCHEMA_VERSION}"
+                )
+        except sqlite3.Error as err:
+            raise StateFileError(f"{self.path}: {err}") from None
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- reading ---------------------------------------------------------------
+
+    def load(self) -> list[StoredVm]:
+        """Every VM in creation order, with its policy and truth snapshot (None if never saved)."""
+        out: list[StoredVm] = []
+        rows = self._db.execute(
+            "SELECT vm_id, boot_pages, max_pages, block_pages, policy FROM vms ORDER BY seq"
+        ).fetchall()
+        for vm_id, boot, max_pages, block, policy in rows:
+            try:
+                config = VmConfig(vm_id, boot, max_pages, block)
+            except ValueError as err:
+                raise StateFileError(f"{self.path}: VM {vm_id!r}: {err}") from None
+            state = self._db.execute(
+                "SELECT target_pages, hot_add_disabled, ballooned FROM vm_state WHERE vm_id=?",
+                (vm_id,),
+            ).fetchone()
+            snapshot: dict[str, Any] | None = None
+            if state is not None:
+                regions = [
+                    json.loads(data)
+                    for (data,) in self._db.execute(
+                        "SELECT data FROM regions WHERE vm_id=? ORDER BY start_page", (vm_id,)
+                    )
+                ]
+                snapshot = {
+                    "target_pages": state[0],
+                    "hot_add_disabled": bool(state[1]),
+                    "ballooned": json.loads(state[2]),
+                    "regions": regions,
+                }
+            out.append(StoredVm(config, json.loads(policy), snapshot))
+        return out
+
+    # -- writing ---------------------------------------------------------------
+
+    def add_vm(self, config: VmConfig, policy: dict[str, Any]) -> None:
+        with self._db:
+            seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM vms").fetchone()[0]
+            self._db.execute(
+                "INSERT INTO vms VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    config.vm_id,
+                    config.boot_pages,
+                    config.max_pages,
+                    config.block_pages,
+                    json.dumps(policy),
+                    seq,
+                ),
+            )
+
+    def set_policy(self, vm_id: str, policy: dict[str, Any]) -> None:
+        with self._db:
+            self._db.execute("UPDATE vms SET policy=? WHERE vm_id=?", (json.dumps(policy), vm_id))
+
+    def write_truth(
+        self,
+        vm_id: str,
+        vm_state: tuple[int | None, bool, list[list[int]]] | None,
+        regions: list[tuple[int, dict[str, Any]]],
+        deleted: list[int],
+    ) -> None:
+        """One transaction: the VM-wide row (when given), changed regions, deleted regions."""
+        with self._db:
+            for start in deleted:
+                self._db.execute(
+                    "DELETE FROM regions WHERE vm_id=? AND start_page=?", (vm_id, start)
+                )
+            if vm_state is not None:
+                target, disabled, ballooned = vm_state
+                self._db.execute(
+                    "INSERT OR REPLACE INTO vm_state VALUES (?, ?, ?, ?)",
+                    (vm_id, target, int(disabled), json.dumps(ballooned)),
+                )
+            self._db.executemany(
+                "INSERT OR REPLACE INTO regions VALUES (?, ?, ?)",
+                [(vm_id, start, json.dumps(data)) for start, data in regions],
+            )
+
+
+class TruthWriter:
+    """Writes one VM's truth to the store, only the parts that changed since the last write.
+
+    Regions are only ever appended and only a few change per step (the one in flight
+    before and after, new ones), so :meth:`save` checks those unless told to check all.
+    """
+
+    def __init__(self, store: StateStore, vm_id: str) -> None:
+        self.store = store
+        self.vm_id = vm_id
+        self._vm_row: tuple[Any, ...] | None = None
+        self._regions: dict[int, tuple[int, int, bool, bool]] = {}
+        self._count = 0
+
+    def save(
+        self,
+        session: DmHostSession,
+        *,
+        check_all: bool = False,
+        also: tuple[HotAddRegion | None, ...] = (),
+    ) -> bool:
+        """Persist what changed; True when something was written."""
+        regions = session.regions
+        if len(regions) < self._count:
+            check_all = True  # the session was restored with fewer regions
+        candidates = (
+            regions
+            if check_all
+            else regions[self._count :] + tuple(r for r in also if r is not None)
+        )
+        if session.in_flight is not None and session.in_flight.target_region is not None:
+            candidates += (session.in_flight.target_region,)
+        changed: list[HotAddRegion] = []
+        for region in candidates:
+            if not region.offered:
+                continue  # reserved by queued work only: nothing to keep yet
+            fp = region.fingerprint()
+            if self._regions.get(region.start) != fp:
+                changed.append(region)
+        ballooned = session.ballooned
+        vm_row = (
+            session.target_pages,
+            session.hot_add_disabled,
+            len(ballooned),
+            # The lowest range: a different set of the same size shows here.
+            next(iter(ballooned.ranges()), None),
+        )
+        if not changed and vm_row == self._vm_row and not check_all:
+            return False
+        deleted: list[int] = []
+        if check_all:
+            live = {r.start for r in regions}
+            deleted = [s for s in self._regions if s not in live]
+        vm_state = None
+        if vm_row != self._vm_row or check_all:
+            vm_state = (
+                session.target_pages,
+                session.hot_add_disabled,
+                [[s, e] for s, e in ballooned.ranges()],
+            )
+        self.store.write_truth(
+            self.vm_id, vm_state, [(r.start, r.snapshot()) for r in changed], deleted
+        )
+        for start in deleted:
+            del self._regions[start]
+        for region in changed:
+            self._regions[region.start] = region.fingerprint()
+        self._vm_row = vm_row
+        self._count = len(regions)
+        return True

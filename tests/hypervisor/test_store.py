@@ -1,0 +1,98 @@
+"""The SQLite state file: VM definitions, policies and truth survive a restart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hypervisor.dm_host import DmHostSession
+from hypervisor.policy import make_dynamic
+from hypervisor.store import SCHEMA_VERSION, StateFileError, StateStore, TruthWriter
+from hypervisor.vm import VmConfig
+from memhp.dm import HotAddResponse
+from tests.hypervisor.helpers import BLOCK, BOOT, MAX, negotiate, tid
+
+CFG = VmConfig("vm0", BOOT, MAX, BLOCK)
+
+
+def test_round_trip_through_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    store = StateStore(path)
+    policy = make_dynamic(CFG, 20, 0, 0)
+    store.add_vm(CFG, policy.as_data())
+    s = DmHostSession(CFG)
+    negotiate(s)
+    writer = TruthWriter(store, CFG.vm_id)
+    assert writer.save(s, check_all=True)
+    s.hot_add(4 * BLOCK, BLOCK, 0.0)
+    assert writer.save(s)  # the region is new (backed, in flight)
+    s.receive(HotAddResponse(tid(), BLOCK, 1), 0.0)
+    assert writer.save(s, also=(s.regions[0],))
+    assert not writer.save(s)  # nothing changed
+    s.set_target(BOOT + BLOCK, 0.0)
+    assert writer.save(s)
+    store.close()
+
+    again = StateStore(path)
+    (vm,) = again.load()
+    assert vm.config == CFG and vm.policy == policy.as_data()
+    assert vm.snapshot is not None
+    t = DmHostSession.from_snapshot(CFG, vm.snapshot)
+    assert t.snapshot() == s.snapshot()
+    again.close()
+
+
+def test_changed_region_is_found_without_a_full_check(tmp_path: Path) -> None:
+    store = StateStore(None)
+    store.add_vm(CFG, {"kind": "manual"})
+    s = DmHostSession(CFG)
+    negotiate(s)
+    writer = TruthWriter(store, CFG.vm_id)
+    s.hot_add(4 * BLOCK, BLOCK, 0.0)
+    writer.save(s)
+    # The answer completes the transaction; the caller passes the region it was in.
+    before = s.in_flight.target_region if s.in_flight else None
+    s.receive(HotAddResponse(tid(), BLOCK, 1), 0.0)
+    writer.save(s, also=(before,))
+    (vm,) = store.load()
+    assert vm.snapshot is not None and vm.snapshot["regions"][0]["added"] == [[BOOT, BOOT + BLOCK]]
+
+
+def test_schema_mismatch_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    StateStore(path).close()
+    import sqlite3
+
+    db = sqlite3.connect(path)
+    db.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION + 1),))
+    db.commit()
+    db.close()
+    with pytest.raises(StateFileError, match="schema version"):
+        StateStore(path)
+
+
+def test_not_a_database_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    path.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(StateFileError):
+        StateStore(path)
+
+
+def test_region_reserved_by_queued_work_is_not_written() -> None:
+    store = StateStore(None)
+    store.add_vm(CFG, {"kind": "manual"})
+    s = DmHostSession(CFG)
+    negotiate(s)
+    writer = TruthWriter(store, CFG.vm_id)
+    s.hot_add(BLOCK, BLOCK, 0.0)
+    s.hot_add(2 * BLOCK, BLOCK, 0.0)  # queued behind the first
+    writer.save(s)
+    (vm,) = store.load()
+    assert vm.snapshot is not None and len(vm.snapshot["regions"]) == 1
+    # Once its request goes out it is written.
+    before = s.in_flight.target_region if s.in_flight else None
+    s.receive(HotAddResponse(tid(), BLOCK, 1), 0.0)
+    writer.save(s, also=(before,))
+    (vm,) = store.load()
+    assert vm.snapshot is not None and len(vm.snapshot["regions"]) == 2
