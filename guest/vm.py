@@ -164,6 +164,10 @@ class GuestVm:
     def start(self) -> None:
         self.driver.start()
 
+    def renegotiate(self) -> None:
+        """The DM channel was reset or replaced: the driver negotiates again, memory stays."""
+        self.driver.renegotiate()
+
     def deliver(self, msg: DmMessage) -> None:
         self.driver.receive(msg)
 

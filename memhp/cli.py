@@ -21,7 +21,7 @@ from memhp.logs import configure_logging
 from memhp.units import format_size
 
 #: Modules with ``add_subparser(subparsers)``: ``memhp hypervisor``, ``memhp guest``, ...
-PROCESS_COMMANDS: tuple[str, ...] = ("memhp.trace",)
+PROCESS_COMMANDS: tuple[str, ...] = ("memhp.trace", "guest.cli", "hypervisor.cli", "memhp.ctl")
 
 EXIT_OK = 0
 EXIT_FAILED = 1

@@ -228,6 +228,8 @@ class HvBalloon:
         self.last_post_time: float | None = None
         self._trans_id = 0
         self._version_index = 0
+        #: Bumped by :meth:`renegotiate`: work started on an older channel sends nothing.
+        self._generation = 0
         self._host_event = scheduler.completion()
         self.ol_waitevent = scheduler.completion()
         #: Ranges between MEM_GOING_ONLINE and MEM_ONLINE, with the pages counted as onlined
@@ -272,10 +274,36 @@ class HvBalloon:
         """``balloon_probe`` → ``balloon_connect_vsp``: begin version negotiation."""
         self.scheduler.spawn("hv_balloon:probe", self._probe())
 
+    def renegotiate(self) -> None:
+        """The channel was reset (host reset, or a new stream after a reconnect): probe again.
+
+        Not something Linux does (its channel never resets under it); the emulator's
+        guest keeps its memory, hot-add regions, balloon and counters, and only the
+        channel state starts over: version negotiation from 2.0, then capabilities,
+        then a fresh status thread. Messages not yet sent on the old channel are
+        dropped, except access reports (they describe the memory, not the channel);
+        work still running for a request of the old channel finishes its memory
+        work but sends no response.
+        """
+        self._generation += 1
+        self.outbox = [m for m in self.outbox if isinstance(m, AccessReport)]
+        self.state = DM_INITIALIZING
+        self._version_index = 0
+        self.version = 0
+        self._event("renegotiate", generation=self._generation)
+        self.start()
+
+    def _stale(self, generation: int) -> bool:
+        """Work started for channel ``generation`` is for a channel that is gone."""
+        return generation != self._generation
+
     def _probe(self) -> Task:
+        generation = self._generation
         self._host_event.reinit()
         self._send_version_request()
         ok = yield Wait(self._host_event, PROBE_WAIT_SECONDS)
+        if self._stale(generation):
+            return
         if not ok or self.state == DM_INIT_ERROR:
             if self.state != DM_INIT_ERROR:
                 self.state = DM_INIT_ERROR
@@ -292,6 +320,8 @@ class HvBalloon:
             )
         )
         ok = yield Wait(self._host_event, PROBE_WAIT_SECONDS)
+        if self._stale(generation):
+            return
         if not ok:
             self.state = DM_INIT_ERROR
             self._event("probe_failed", reason="capabilities response timed out (-ETIMEDOUT)")
@@ -373,7 +403,9 @@ class HvBalloon:
         if self.pressure_report_delay > 0:
             self.pressure_report_delay -= 1
             return
-        if self.last_post_time is not None and now < self.last_post_time + 1.0:
+        # Linux: at most one report a second; a shorter status interval shortens that too.
+        min_gap = min(STATUS_INTERVAL, self.status_interval)
+        if self.last_post_time is not None and now < self.last_post_time + min_gap:
             return
         self.last_post_time = now
         avail = self.mm.meminfo()["MemAvailable"] // 4
@@ -382,7 +414,8 @@ class HvBalloon:
         )
 
     def _status_thread(self) -> Task:
-        while self.state != DM_INIT_ERROR:
+        generation = self._generation
+        while self.state != DM_INIT_ERROR and not self._stale(generation):
             self.post_status()
             yield Sleep(self.status_interval)
 
@@ -392,6 +425,7 @@ class HvBalloon:
         """``hot_add_req``."""
         msg = self._hot_add_request
         assert msg is not None
+        generation = self._generation
         chunk = self.ha_pages_in_chunk
         pg_start, pfn_cnt = msg.range.start_page, msg.range.page_cnt
         self.host_specified_ha_region = msg.region is not None
@@ -407,6 +441,9 @@ class HvBalloon:
         if self.do_hot_add:
             page_count = yield from self._process_hot_add(pg_start, pfn_cnt, rg_start, rg_sz)
         self.counters.num_pages_added += page_count
+        if self._stale(generation):
+            self._event("hot_add_stale", page_count=page_count)
+            return
         result = 1 if page_count > 0 or not self.do_hot_add else 0
         self.state = DM_INITIALIZED
         self._send(HotAddResponse(self._next_trans_id(), page_count=page_count, result=result))
@@ -691,6 +728,7 @@ class HvBalloon:
     def _balloon_up_work(self) -> Task:
         """``balloon_up``: answer one request with one or more responses."""
         num_pages = self._balloon_num_pages
+        generation = self._generation
         avail = self.mm.meminfo()["MemAvailable"] // 4
         floor = compute_balloon_floor(self.mm.totalram_pages)
         if avail < num_pages or avail - num_pages < floor:
@@ -721,6 +759,10 @@ class HvBalloon:
             )
             if more:
                 yield Sleep(0)
+                if self._stale(generation):
+                    # The channel was reset: the rest of this request is not wanted.
+                    self._event("balloon_stale", pages=total)
+                    return
         self._event("balloon_done", pages=total)
 
     def _alloc_balloon_pages(self, num_pages: int, alloc_unit: int) -> tuple[list[PageRange], int]:

@@ -1,0 +1,231 @@
+"""``memhp guest``: the guest-agent process.
+
+Dials the hypervisor's DM channel as one VM, runs the emulated guest (memory model,
+``hv_balloon`` driver, udev, an optional workload) in real time, and serves its
+``GuestIntrospection`` on ``--listen``. ``--ready-file`` gets ``HOST:PORT`` of that
+server (atomically) once it listens and the first attach succeeded. SIGTERM or
+SIGINT closes the stream and the server and exits 0; 1 is a fatal error (the
+hypervisor refused the VM for good, or changed its layout), 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import math
+import os
+import signal
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import grpc
+import structlog
+
+from guest.agent import AgentOptions, GrpcTransport, GuestAgent
+from guest.drivers.hv_balloon import MODES, STRATEGIES
+from guest.introspection import GuestIntrospection
+from guest.mm.memory import MMOP_OFFLINE, ONLINE_TYPES
+from guest.workload import WorkloadError, WorkloadSpec
+from memhp.logs import get_logger
+from memhp.v1 import guest_pb2_grpc
+
+log = get_logger("guest.cli")
+
+EXIT_OK = 0
+EXIT_FATAL = 1
+EXIT_BAD_INPUT = 2
+#: Seconds in-flight introspection calls get when the agent stops.
+SERVER_GRACE = 0.5
+
+
+def _number(minimum: float, *, strict: bool, unit: str = "seconds") -> Any:
+    """An argparse type: a finite number above (``strict``) or at least ``minimum``."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number of {unit}: {text!r}") from None
+        ok = math.isfinite(value) and (value > minimum if strict else value >= minimum)
+        if not ok:
+            rule = ">" if strict else ">="
+            raise argparse.ArgumentTypeError(f"must be a finite number {rule} {minimum}: {text}")
+        return value
+
+    return parse
+
+
+def _workload(text: str) -> WorkloadSpec:
+    try:
+        return WorkloadSpec.parse(text)
+    except WorkloadError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def add_subparser(subparsers: Any) -> None:
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "guest",
+        help="run a guest agent attached to a hypervisor",
+        description="Run one VM's guest agent: dial the hypervisor's DM channel, run the "
+        "emulated guest in real time and serve its introspection on --listen. Exit 0 on "
+        "SIGTERM/SIGINT, 1 on a fatal error, 2 on bad input.",
+    )
+    p.add_argument("--hypervisor", required=True, metavar="ADDR", help="HOST:PORT of the DM server")
+    p.add_argument("--vm-id", required=True, metavar="ID")
+    p.add_argument(
+        "--listen",
+        default="127.0.0.1:0",
+        metavar="HOST:PORT",
+        help="introspection server address (port 0: any free port; default %(default)s)",
+    )
+    p.add_argument("--ready-file", type=Path, metavar="PATH", help="write HOST:PORT here when up")
+    p.add_argument("--strategy", choices=STRATEGIES, default="callback")
+    p.add_argument("--driver-mode", choices=MODES, default="upstream")
+    p.add_argument(
+        "--auto-online",
+        choices=ONLINE_TYPES,
+        default=MMOP_OFFLINE,
+        help="auto_online_blocks (the kernel onlines new blocks itself; default %(default)s)",
+    )
+    p.add_argument(
+        "--udev-online",
+        choices=ONLINE_TYPES[1:],
+        metavar="TYPE",
+        help="a udev rule onlines every new block with TYPE (online, online_kernel, "
+        "online_movable) after --onlining-delay",
+    )
+    p.add_argument(
+        "--onlining-delay",
+        type=_number(0, strict=False),
+        default=0.0,
+        metavar="S",
+        help="seconds the --udev-online rule waits before onlining (default %(default)s)",
+    )
+    p.add_argument(
+        "--status-interval",
+        type=_number(0, strict=True),
+        default=1.0,
+        metavar="S",
+        help="seconds between status reports (default %(default)s)",
+    )
+    p.add_argument(
+        "--pressure-report-delay",
+        type=_number(0, strict=False),
+        default=45.0,
+        metavar="S",
+        help="seconds before the first status report (hv_balloon module parameter; "
+        "default %(default)s)",
+    )
+    p.add_argument(
+        "--access-batch-ms",
+        type=_number(0, strict=False, unit="milliseconds"),
+        default=50.0,
+        metavar="MS",
+        help="coalesce page-access reports for this long (default %(default)s)",
+    )
+    p.add_argument(
+        "--sysfs-dir",
+        type=Path,
+        metavar="DIR",
+        help="keep DIR/sys/devices/system/memory current (for lsmem --sysroot DIR)",
+    )
+    p.add_argument(
+        "--workload",
+        type=_workload,
+        metavar="SPEC",
+        help="steady:SIZE or ramp:FROM:TO:SECONDS (movable allocations, e.g. ramp:0:1G:30)",
+    )
+    p.set_defaults(func=_run)
+
+
+def options_from_args(args: argparse.Namespace) -> AgentOptions:
+    return AgentOptions(
+        vm_id=args.vm_id,
+        strategy=args.strategy,
+        driver_mode=args.driver_mode,
+        auto_online=args.auto_online,
+        udev_online=args.udev_online,
+        onlining_delay=args.onlining_delay,
+        status_interval=args.status_interval,
+        pressure_report_delay=args.pressure_report_delay,
+        access_batch=args.access_batch_ms / 1000.0,
+        sysfs_dir=args.sysfs_dir,
+        workload=args.workload,
+    )
+
+
+def write_ready_file(path: Path, address: str) -> None:
+    """``address`` and a newline, replacing ``path`` atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{address}\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _run(args: argparse.Namespace) -> int:
+    from memhp.cli import run_async
+
+    return run_async(lambda: serve(args))
+
+
+async def serve(args: argparse.Namespace) -> int:
+    """The process: introspection server, agent, signals, ready file."""
+    structlog.contextvars.bind_contextvars(vm=args.vm_id, component="guest")
+    options = options_from_args(args)
+    agent = GuestAgent(options, GrpcTransport(args.hypervisor))
+    server = grpc.aio.server()
+    guest_pb2_grpc.add_GuestIntrospectionServicer_to_server(
+        GuestIntrospection(
+            lambda: agent.vm, trace=lambda: tuple(agent.events), on_change=agent.state_changed
+        ),
+        server,
+    )
+    try:
+        port = server.add_insecure_port(args.listen)
+    except RuntimeError as err:
+        log.error("listen_failed", listen=args.listen, error=str(err))
+        return EXIT_BAD_INPUT
+    host = args.listen.rpartition(":")[0] or "127.0.0.1"
+    address = f"{host}:{port}"
+    await server.start()
+    log.info("introspection_listening", address=address, hypervisor=args.hypervisor)
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    agent_task = asyncio.create_task(agent.run(), name="agent")
+    stop_task = asyncio.create_task(stop.wait(), name="stop")
+    ready_task = asyncio.create_task(_ready_when_attached(agent, args.ready_file, address))
+    code = EXIT_OK
+    try:
+        done, _ = await asyncio.wait({agent_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+        if agent_task in done:
+            code = agent_task.result()
+        else:
+            log.info("stopping", reason="signal")
+    finally:
+        for task in (agent_task, stop_task, ready_task):
+            task.cancel()
+        await asyncio.gather(agent_task, stop_task, ready_task, return_exceptions=True)
+        await server.stop(SERVER_GRACE)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    log.info("stopped", exit_code=code)
+    return code
+
+
+async def _ready_when_attached(agent: GuestAgent, path: Path | None, address: str) -> None:
+    await agent.attached.wait()
+    if path is not None:
+        write_ready_file(path, address)
+        log.info("ready", address=address, ready_file=str(path))
