@@ -96,7 +96,10 @@ def summary(result: dict[str, Any]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="memhp", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="memhp",
+        description="memhp-emu: a hypervisor-guest memory hot-add and balloon protocol emulator",
+    )
     parser.add_argument("--log-level", default="warning")
     parser.add_argument("--log-json", action="store_true", help="log JSON lines")
     sub = parser.add_subparsers(dest="command", required=True)
