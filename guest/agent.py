@@ -35,6 +35,7 @@ import contextlib
 import math
 import random
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -267,6 +268,10 @@ class AccessBatcher:
     def __bool__(self) -> bool:
         return bool(self._trans_ids)
 
+    def __len__(self) -> int:
+        """Access reports waiting (before coalescing)."""
+        return len(self._trans_ids)
+
     def add(self, report: dm.AccessReport, now: float) -> None:
         pages = self._pages.setdefault(report.what, RangeSet())
         for r in report.ranges:
@@ -305,6 +310,25 @@ def memory_state(vm: GuestVm) -> dm_pb2.GuestMemoryState:
             for r in dm.split_ranges(s, e - s):
                 state.ballooned.append(range_to_pb(r))
     return state
+
+
+@dataclass(frozen=True)
+class LinkStats:
+    """How far the agent is with the DM stream (``GuestMemory`` reports it)."""
+
+    frames_sent: int
+    frames_received: int
+    #: Messages the driver produced that are not sent yet (batched access reports too).
+    unsent_messages: int
+
+
+#: The agent driving each guest: the introspection service is handed only the guest.
+_AGENTS: weakref.WeakKeyDictionary[GuestVm, GuestAgent] = weakref.WeakKeyDictionary()
+
+
+def agent_of(vm: GuestVm) -> GuestAgent | None:
+    """The agent that drives ``vm`` (None: no agent does)."""
+    return _AGENTS.get(vm)
 
 
 def _describe(kind: str, data: dict[str, Any]) -> str:
@@ -361,6 +385,21 @@ class GuestAgent:
         """The memory layout may have changed: rewrite sysfs (soon) and run the guest."""
         self._sysfs_dirty = True
         self.wake()
+
+    def catch_up(self) -> None:
+        """Bring the guest's clock to now before something from outside changes it.
+
+        The pump moves the clock only when it wakes; work started by a frame or a sysfs
+        write at a stale time would sleep from that time (a udev onlining delay would
+        partly have passed already).
+        """
+        if self.vm is not None:
+            self.vm.run_until(self.elapsed())
+
+    def link_stats(self) -> LinkStats:
+        """The DM stream counters ``GetMemory`` reports (a scenario step settles on them)."""
+        unsent = len(self._access) + (len(self.vm.driver.outbox) if self.vm is not None else 0)
+        return LinkStats(self.frames_sent, self.frames_received, unsent)
 
     # -- running ------------------------------------------------------------------------
 
@@ -464,6 +503,7 @@ class GuestAgent:
         vm.mm.notifier.register(self._memory_notifier, -1000, name="guest-agent")
         vm.mm.block_added_hooks.append(self._block_added)
         self.vm = vm
+        _AGENTS[vm] = self
         self.layout = layout
         self._sysfs_dirty = True
         if self.options.workload is not None:
@@ -505,6 +545,7 @@ class GuestAgent:
                 self.log.warning("bad_host_frame", error=str(err))
                 return
             self.log.debug("received", message=type(msg).__name__)
+            self.catch_up()
             self.vm.deliver(msg)
 
     def _on_host_error(self, error: dm_pb2.ProtocolErrorNotice) -> None:
@@ -629,7 +670,9 @@ __all__ = [
     "Layout",
     "Link",
     "LinkClosed",
+    "LinkStats",
     "Transport",
+    "agent_of",
     "memory_state",
     "pressure_report_calls",
 ]

@@ -2,10 +2,11 @@
 
 Dials the hypervisor's DM channel as one VM, runs the emulated guest (memory model,
 ``hv_balloon`` driver, udev, an optional workload) in real time, and serves its
-``GuestIntrospection`` on ``--listen``. ``--ready-file`` gets ``HOST:PORT`` of that
-server (atomically) once it listens and the first attach succeeded. SIGTERM or
-SIGINT closes the stream and the server and exits 0; 1 is a fatal error (the
-hypervisor refused the VM for good, or changed its layout), 2 bad input.
+``GuestIntrospection`` and ``GuestControl`` on ``--listen``. ``--ready-file`` gets
+``HOST:PORT`` of that server (atomically) once it listens and the first attach
+succeeded. SIGTERM or SIGINT closes the stream and the server and exits 0; 1 is a
+fatal error (the hypervisor refused the VM for good, or changed its layout), 2 bad
+input.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import structlog
 
 from guest.agent import AgentOptions, GrpcTransport, GuestAgent
 from guest.drivers.hv_balloon import MODES, STRATEGIES
-from guest.introspection import GuestIntrospection
+from guest.introspection import GuestControl, GuestIntrospection
 from guest.mm.memory import MMOP_OFFLINE, ONLINE_TYPES
 from guest.workload import WorkloadError, WorkloadSpec
 from memhp.logs import get_logger
@@ -187,6 +188,9 @@ async def serve(args: argparse.Namespace) -> int:
             lambda: agent.vm, trace=lambda: tuple(agent.events), on_change=agent.state_changed
         ),
         server,
+    )
+    guest_pb2_grpc.add_GuestControlServicer_to_server(
+        GuestControl(lambda: agent.vm, on_change=agent.state_changed), server
     )
     try:
         port = server.add_insecure_port(args.listen)

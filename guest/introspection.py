@@ -1,9 +1,10 @@
-"""The guest agent's ``GuestIntrospection`` service: sysfs and meminfo over gRPC.
+"""The guest agent's ``GuestIntrospection`` and ``GuestControl`` services over gRPC.
 
 ``GetMemory`` answers what ``/sys/devices/system/memory``, ``/proc/meminfo`` and the
-driver's ``hv_hotadd_state`` list would show, plus page counts and the guest-only
-invariant findings (:func:`guest.invariants.check_guest` without the host's ground
-truth). ``SetBlockState`` is ``echo VALUE > memoryN/state`` with the kernel's
+driver's ``hv_hotadd_state`` list would show, plus page counts, the invariant findings
+(:func:`guest.invariants.check_guest`: guest-only, or against the host's ground truth
+when the request carries it), whether driver work is pending and how far the DM stream
+is. ``SetBlockState`` is ``echo VALUE > memoryN/state`` with the kernel's
 semantics (:func:`guest.sysfs.sysfs_state_write`); its errno becomes a gRPC status:
 
 ========  =====================  =====================================================
@@ -20,18 +21,29 @@ The message names the block, the errno (``-EINVAL``) and the reason. A write whi
 an onlining holds ``mem_hotplug_lock`` waits for it (the kernel restarts the
 syscall) and then applies. Everything runs on the agent's event loop, so the model
 is never read while it changes.
+
+``GuestControl``, served next to it, is what a process in the guest does (``memhp
+scenario run --processes`` uses it for its allocate, free, inject and dump steps):
+allocate (now, or armed for the next onlining window), free by tag, notifier-error and
+slow-onlining injection, and a dump walk. A bad argument is INVALID_ARGUMENT, a
+failure with an errno maps as above; the status message is the guest's error text.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno as _errno
+import math
+import re
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 
+from extents import RangeSet
+from guest.agent import agent_of
 from guest.invariants import check_guest
+from guest.mm.dump import walk_dump
 from guest.mm.errors import MemoryHotplugError
 from guest.mm.memory import HotplugLockBusy, MemoryBlock
 from guest.mm.pages import ALLOCATED, BUDDY, OWNER_BALLOON, PAGE_OFFLINE, RESERVED
@@ -53,9 +65,33 @@ _ERRNO_STATUS = {
 }
 
 
+#: How a failed write reads in the status message: ``... failed with -EINVAL: reason``.
+_WRITE_FAILED = re.compile(r" failed with -(?P<name>E[A-Z0-9]+): (?P<reason>.*)\Z", re.DOTALL)
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
 def errno_status(errno: int) -> grpc.StatusCode:
     """The gRPC status a failed sysfs write answers with."""
     return _ERRNO_STATUS.get(errno, grpc.StatusCode.FAILED_PRECONDITION)
+
+
+def write_failure(details: str) -> tuple[str, str] | None:
+    """(errno name, reason) of a failed ``SetBlockState`` status message, or None."""
+    match = _WRITE_FAILED.search(details)
+    return None if match is None else (match["name"], match["reason"])
+
+
+def range_set(ranges: Iterable[guest_pb2.PfnRange]) -> RangeSet:
+    out = RangeSet()
+    for r in ranges:
+        if r.end_pfn > r.start_pfn:
+            out.add(r.start_pfn, r.end_pfn)
+    return out
+
+
+def pfn_ranges(ranges: Iterable[tuple[int, int]]) -> list[guest_pb2.PfnRange]:
+    return [guest_pb2.PfnRange(start_pfn=s, end_pfn=e) for s, e in ranges]
 
 
 def block_pb(vm: GuestVm, block: MemoryBlock) -> guest_pb2.MemoryBlock:
@@ -70,11 +106,26 @@ def block_pb(vm: GuestVm, block: MemoryBlock) -> guest_pb2.MemoryBlock:
     )
 
 
-def guest_memory_pb(vm: GuestVm, trace: Iterable[str] = ()) -> guest_pb2.GuestMemory:
-    """The whole ``GetMemory`` answer; ``trace`` (recent events) goes with each violation."""
+def guest_memory_pb(
+    vm: GuestVm,
+    trace: Iterable[str] = (),
+    request: guest_pb2.GetMemoryRequest | None = None,
+) -> guest_pb2.GuestMemory:
+    """The whole ``GetMemory`` answer; ``trace`` (recent events) goes with each violation.
+
+    With ``request.host_truth`` the invariants are checked against the host's backed and
+    offered pages, as the in-process scenario runner checks them.
+    """
     mm, driver = vm.mm, vm.driver
     recent = list(trace)
     c = driver.counters
+    backed: RangeSet | None = None
+    offered: RangeSet | None = None
+    if request is not None and request.host_truth:
+        backed = range_set(request.host_backed)
+        offered = range_set(request.host_offered)
+    agent = agent_of(vm)
+    stats = None if agent is None else agent.link_stats()
     return guest_pb2.GuestMemory(
         vm_id=vm.config.vm_id,
         block_size_bytes=mm.geometry.block_size_bytes,
@@ -113,11 +164,15 @@ def guest_memory_pb(vm: GuestVm, trace: Iterable[str] = ()) -> guest_pb2.GuestMe
                 message=f.message,
                 trace=recent,
             )
-            for f in check_guest(mm, driver, None)
+            for f in check_guest(mm, driver, backed, offered)
         ],
         strategy=vm.config.strategy,
         driver_mode=vm.config.driver_mode,
         dm_state=driver.state,
+        busy=vm.busy,
+        unsent_messages=(len(driver.outbox) if stats is None else stats.unsent_messages),
+        frames_sent=0 if stats is None else stats.frames_sent,
+        frames_received=0 if stats is None else stats.frames_received,
     )
 
 
@@ -135,6 +190,31 @@ async def set_block_state(vm: GuestVm, index: int, value: str) -> MemoryBlock:
         return vm.mm.blocks[index]
 
 
+async def _guest(
+    get_vm: Callable[[], GuestVm | None],
+    context: Context,
+    *,
+    change: Callable[[], None] | None = None,
+) -> GuestVm:
+    """The guest, or UNAVAILABLE before the first attach built it.
+
+    With ``change`` (a write is coming) the guest's clock is brought to now first and the
+    agent woken (``change`` is its wake-up).
+    """
+    vm = get_vm()
+    if vm is None:
+        await context.abort(
+            grpc.StatusCode.UNAVAILABLE,
+            "the guest has no memory layout yet: it has not attached to the hypervisor",
+        )
+    if change is not None:
+        agent = agent_of(vm)
+        if agent is not None:
+            agent.catch_up()
+            change()
+    return vm
+
+
 class GuestIntrospection(guest_pb2_grpc.GuestIntrospectionServicer):
     """The servicer; ``get_vm`` gives the guest once the first attach built it."""
 
@@ -149,14 +229,8 @@ class GuestIntrospection(guest_pb2_grpc.GuestIntrospectionServicer):
         self._trace = trace
         self._on_change = on_change
 
-    async def _vm(self, context: grpc.aio.ServicerContext[Any, Any]) -> GuestVm:
-        vm = self._get_vm()
-        if vm is None:
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE,
-                "the guest has no memory layout yet: it has not attached to the hypervisor",
-            )
-        return vm
+    async def _vm(self, context: Context, *, change: bool = False) -> GuestVm:
+        return await _guest(self._get_vm, context, change=self._on_change if change else None)
 
     async def GetMemory(
         self,
@@ -164,14 +238,14 @@ class GuestIntrospection(guest_pb2_grpc.GuestIntrospectionServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> guest_pb2.GuestMemory:
         vm = await self._vm(context)
-        return guest_memory_pb(vm, self._trace())
+        return guest_memory_pb(vm, self._trace(), request)
 
     async def SetBlockState(
         self,
         request: guest_pb2.SetBlockStateRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> guest_pb2.MemoryBlock:
-        vm = await self._vm(context)
+        vm = await self._vm(context, change=True)
         before = vm.mm.blocks.get(request.index)
         old_state = before.state if before is not None else None
         try:
@@ -199,3 +273,120 @@ class GuestIntrospection(guest_pb2_grpc.GuestIntrospectionServicer):
             zone=block.zone,
         )
         return block_pb(vm, block)
+
+
+class GuestControl(guest_pb2_grpc.GuestControlServicer):
+    """What a process in the guest does: allocate, free, inject faults, walk a dump.
+
+    ``get_vm`` and ``on_change`` as for :class:`GuestIntrospection`.
+    """
+
+    def __init__(
+        self,
+        get_vm: Callable[[], GuestVm | None],
+        *,
+        on_change: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._get_vm = get_vm
+        self._on_change = on_change
+
+    async def _vm(self, context: Context, *, change: bool = False) -> GuestVm:
+        return await _guest(self._get_vm, context, change=self._on_change if change else None)
+
+    async def _failed(self, context: Context, what: str, err: Exception) -> NoReturn:
+        log.info("guest_call_failed", call=what, error=str(err))
+        code = (
+            errno_status(err.errno)
+            if isinstance(err, MemoryHotplugError)
+            else grpc.StatusCode.INVALID_ARGUMENT
+        )
+        await context.abort(code, str(err))
+        raise AssertionError("unreachable")  # context.abort raises
+
+    async def Allocate(
+        self, request: guest_pb2.AllocateRequest, context: Context
+    ) -> guest_pb2.AllocateResponse:
+        vm = await self._vm(context, change=True)
+        try:
+            got = vm.allocate(
+                request.pages,
+                order=request.order,
+                zone=request.zone or "Normal",
+                tag=request.tag or "workload",
+                movable=request.movable if request.HasField("movable") else None,
+            )
+        except (ValueError, MemoryHotplugError) as err:
+            await self._failed(context, "Allocate", err)
+        self._on_change()
+        return guest_pb2.AllocateResponse(allocated_pages=got)
+
+    async def AllocateInWindow(
+        self, request: guest_pb2.AllocateInWindowRequest, context: Context
+    ) -> guest_pb2.AllocateInWindowResponse:
+        vm = await self._vm(context, change=True)
+        try:
+            vm.allocate_in_window(
+                request.pages,
+                order=request.order,
+                zone=request.zone or "Normal",
+                tag=request.tag or "workload",
+                block=request.block if request.HasField("block") else None,
+            )
+        except (ValueError, MemoryHotplugError) as err:
+            await self._failed(context, "AllocateInWindow", err)
+        return guest_pb2.AllocateInWindowResponse()
+
+    async def Free(
+        self, request: guest_pb2.FreeRequest, context: Context
+    ) -> guest_pb2.FreeResponse:
+        vm = await self._vm(context, change=True)
+        try:
+            freed = vm.free(request.tag, request.pages if request.HasField("pages") else None)
+        except (ValueError, MemoryHotplugError) as err:
+            await self._failed(context, "Free", err)
+        self._on_change()
+        return guest_pb2.FreeResponse(freed_pages=freed)
+
+    async def InjectNotifierError(
+        self, request: guest_pb2.InjectNotifierErrorRequest, context: Context
+    ) -> guest_pb2.InjectResponse:
+        vm = await self._vm(context, change=True)
+        try:
+            if not -4095 <= request.errno <= -1:
+                raise ValueError(
+                    f"errno: must be a negative errno in [-4095, -1], not {request.errno}"
+                )
+            vm.inject_notifier_error(
+                request.action, request.errno, request.count if request.HasField("count") else None
+            )
+        except ValueError as err:
+            await self._failed(context, "InjectNotifierError", err)
+        return guest_pb2.InjectResponse()
+
+    async def InjectSlowOnlining(
+        self, request: guest_pb2.InjectSlowOnliningRequest, context: Context
+    ) -> guest_pb2.InjectResponse:
+        vm = await self._vm(context, change=True)
+        if not (math.isfinite(request.seconds) and request.seconds >= 0):
+            await self._failed(
+                context,
+                "InjectSlowOnlining",
+                ValueError(f"seconds: must be a finite number >= 0, not {request.seconds}"),
+            )
+        vm.inject_slow_onlining(
+            request.seconds, request.count if request.HasField("count") else None
+        )
+        return guest_pb2.InjectResponse()
+
+    async def Dump(
+        self, request: guest_pb2.DumpRequest, context: Context
+    ) -> guest_pb2.DumpResponse:
+        vm = await self._vm(context)
+        backed = range_set(request.host_backed) if request.host_truth else None
+        report = walk_dump(vm.mm, backed, skip_free=request.skip_free)
+        return guest_pb2.DumpResponse(
+            pages_read=report.pages_read,
+            pages_skipped_offline=report.pages_skipped_offline,
+            pages_skipped_free=report.pages_skipped_free,
+            unbacked_read=pfn_ranges(report.unbacked_read),
+        )

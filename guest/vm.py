@@ -22,7 +22,7 @@ from typing import Any
 
 from guest.drivers.hv_balloon import MODES, STRATEGIES, HvBalloon
 from guest.kernel import Scheduler, Sleep, Task
-from guest.mm.errors import MemoryHotplugError
+from guest.mm.errors import ENOENT, MemoryHotplugError
 from guest.mm.geometry import Geometry
 from guest.mm.memory import (
     MMOP_OFFLINE,
@@ -203,6 +203,7 @@ class GuestVm:
         While another onlining holds ``mem_hotplug_lock`` the write blocks: here it
         becomes a task that waits for the lock. Returns whether it ran at once.
         """
+        self._check_block(block_id)
         pause = self._take_slow()
         if pause > 0 or self.mm.hotplug_lock_holder is not None:
             self.scheduler.spawn(
@@ -215,6 +216,7 @@ class GuestVm:
 
     def offline_block(self, block_id: int) -> bool:
         """``echo offline > memoryN/state``; waits (as a task) for ``mem_hotplug_lock``."""
+        self._check_block(block_id)
         if self.mm.hotplug_lock_holder is not None:
             self.scheduler.spawn(f"offline:memory{block_id}", self._offline_task(block_id))
             return False
@@ -231,6 +233,11 @@ class GuestVm:
             self._emit("offline_failed", block=block_id, errno=err.name, message=err.message)
             return
         self._emit("block_offlined", block=block_id)
+
+    def _check_block(self, block_id: int) -> None:
+        """No ``memoryN`` directory: the write fails to open it (-ENOENT), as in sysfs."""
+        if block_id not in self.mm.blocks:
+            raise MemoryHotplugError(ENOENT, f"memory{block_id}/state: no such memory block")
 
     def _take_slow(self) -> float:
         if self.slow_onlining <= 0:

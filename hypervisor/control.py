@@ -8,7 +8,7 @@ the RPC's byte-named field, with its code.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any, Final, NoReturn
 
 import grpc
@@ -100,6 +100,21 @@ def policy_to_pb(policy: TargetPolicy) -> control_pb2.Policy:
     return control_pb2.Policy(manual=control_pb2.ManualPolicy())
 
 
+#: The most pages one ``PageRange`` of the Control service carries (its page_cnt is 32 bits).
+_PB_RANGE_MAX_PAGES: Final = (1 << 32) - 1
+
+
+def ranges_to_pb(ranges: Iterable[tuple[int, int]]) -> list[dm_pb2.PageRange]:
+    """``[start, end)`` page ranges as ``PageRange`` messages (long ones split)."""
+    out: list[dm_pb2.PageRange] = []
+    for start, end in ranges:
+        while start < end:
+            count = min(end - start, _PB_RANGE_MAX_PAGES)
+            out.append(dm_pb2.PageRange(start_page=start, page_cnt=count))
+            start += count
+    return out
+
+
 def vm_to_pb(handle: VmHandle) -> control_pb2.Vm:
     """The ``Vm`` message (control.proto documents every field)."""
     cfg, s = handle.config, handle.session
@@ -120,6 +135,14 @@ def vm_to_pb(handle: VmHandle) -> control_pb2.Vm:
         policy=policy_to_pb(handle.policy),
         protocol_version=s.version or 0,
         hot_add_disabled=s.hot_add_disabled,
+        queued_commands=len(s.queued),
+        busy=s.busy,
+        backed=ranges_to_pb(s.backed.ranges()),
+        ballooned=ranges_to_pb(s.ballooned.ranges()),
+        requested_set=s.target_pages is not None,
+        frames_received=handle.frames_received,
+        frames_sent=handle.frames_sent,
+        violation_events=handle.violation_events,
     )
     for region in s.regions:
         vm.regions.add(

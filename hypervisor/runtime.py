@@ -41,6 +41,8 @@ WATCH_QUEUE_SIZE: Final = 10_000
 _FULL_CHECK: Final = frozenset({"reset", "restored", "command_dropped", "hot_add_disabled"})
 #: Events logged at debug level (they come every second from every guest).
 _QUIET: Final = frozenset({"status_report", "command_queued", "command_started", "command_done"})
+#: Events counted in :attr:`VmHandle.violation_events`.
+_VIOLATION_EVENTS: Final = frozenset({"violation", "protocol_error"})
 
 _VM_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -148,6 +150,11 @@ class VmHandle:
     #: The session has history (attached before, or restored from the state file).
     touched: bool = False
     seen_errors: int = 0
+    #: DM frames received from and sent to the guest, over every stream.
+    frames_received: int = 0
+    frames_sent: int = 0
+    #: "violation" and "protocol_error" events published for this VM.
+    violation_events: int = 0
     log: structlog.stdlib.BoundLogger = field(default_factory=lambda: log)
 
     @property
@@ -324,6 +331,7 @@ class Hypervisor:
 
     def guest_frame(self, handle: VmHandle, frame: dm_pb2.DmFrame) -> None:
         """One DM frame from the attached guest."""
+        handle.frames_received += 1
         try:
             msg = wire.from_frame(frame)
         except dm.ProtocolError as err:
@@ -501,6 +509,8 @@ class Hypervisor:
     def _send(self, handle: VmHandle, out: list[dm.DmMessage]) -> None:
         for msg in out:
             handle.log.debug("frame_out", kind=type(msg).__name__, trans_id=msg.trans_id)
+            if handle.attached:
+                handle.frames_sent += 1
             handle.send(dm_pb2.HostToGuest(frame=wire.to_frame(msg)))
 
     def _publish_all(self, handle: VmHandle, events: list[HostEvent]) -> None:
@@ -512,4 +522,6 @@ class Hypervisor:
     def _publish(self, handle: VmHandle, kind: str, payload: dict[str, object]) -> None:
         level = handle.log.debug if kind in _QUIET else handle.log.info
         level(kind, **{k: v for k, v in payload.items() if v is not None})
+        if kind in _VIOLATION_EVENTS:
+            handle.violation_events += 1
         self.events.publish(PublishedEvent(time.time(), handle.vm_id, kind, payload))

@@ -1,9 +1,11 @@
 """The ``memhp`` command.
 
-``memhp scenario run FILE [--json] [--sysfs-out DIR] [--seed N]`` plays a
-scenario in one process under a virtual clock and prints a summary (or the
-whole JSON result). The exit status is 0 when every ``expect`` held and every
-violation was declared expected, 1 otherwise, 2 for a bad scenario file.
+``memhp scenario run FILE [--json] [--sysfs-out DIR] [--seed N] [--processes]``
+plays a scenario in one process under a virtual clock (or, with ``--processes``,
+across a real ``memhp hypervisor`` and one ``memhp guest`` per VM) and prints a
+summary (or the whole JSON result). The exit status is 0 when every ``expect``
+held and every violation was declared expected, 1 otherwise, 2 for a bad
+scenario file.
 """
 
 from __future__ import annotations
@@ -35,19 +37,33 @@ def _scenario_run(args: argparse.Namespace) -> int:
 
     try:
         scenario = load_scenario(args.file)
+        if args.processes:
+            from memhp.scenario.processes import check_supported
+
+            check_supported(scenario)
     except ScenarioError as err:
         sys.stderr.write(f"memhp: {err}\n")
         return EXIT_BAD_INPUT
-    runner = ScenarioRunner(scenario, seed=args.seed)
-    try:
-        result = runner.run()
-    except StepFailed as err:
-        result = runner.result()
-        result["ok"] = False
-        result["error"] = str(err)
-    if args.sysfs_out:
-        for vm_id, node in runner.nodes.items():
-            write_sysfs_tree(node.guest.mm, Path(args.sysfs_out) / vm_id)
+    if args.processes:
+        from memhp.scenario.processes import run_processes
+
+        sysfs_out = Path(args.sysfs_out) if args.sysfs_out else None
+        try:
+            result = asyncio.run(run_processes(scenario, seed=args.seed, sysfs_out=sysfs_out))
+        except (KeyboardInterrupt, asyncio.CancelledError):
+            sys.stderr.write("memhp: interrupted (every child process was stopped)\n")
+            return EXIT_FAILED
+    else:
+        runner = ScenarioRunner(scenario, seed=args.seed)
+        try:
+            result = runner.run()
+        except StepFailed as err:
+            result = runner.result()
+            result["ok"] = False
+            result["error"] = str(err)
+        if args.sysfs_out:
+            for vm_id, node in runner.nodes.items():
+                write_sysfs_tree(node.guest.mm, Path(args.sysfs_out) / vm_id)
     if args.json:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
     else:
@@ -105,11 +121,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     scenario = sub.add_parser("scenario", help="scenario files")
     scenario_sub = scenario.add_subparsers(dest="scenario_command", required=True)
-    run = scenario_sub.add_parser("run", help="run a scenario in process (virtual clock)")
+    run = scenario_sub.add_parser(
+        "run", help="run a scenario in process (virtual clock) or across processes"
+    )
     run.add_argument("file")
     run.add_argument("--json", action="store_true", help="print the whole JSON result")
     run.add_argument("--sysfs-out", metavar="DIR", help="write DIR/<vm>/sys/devices/system/memory")
     run.add_argument("--seed", type=int, help="override the scenario's seed")
+    run.add_argument(
+        "--processes",
+        action="store_true",
+        help="run across real processes: one memhp hypervisor and one memhp guest per VM "
+        "on loopback (real time; same JSON as in process, times aside)",
+    )
     run.set_defaults(func=_scenario_run)
     # The process commands register themselves (each module adds its own subcommand).
     for module in PROCESS_COMMANDS:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno as _errno
 
 EPERM = _errno.EPERM
+ENOENT = _errno.ENOENT
 ENOMEM = _errno.ENOMEM
 EBUSY = _errno.EBUSY
 EEXIST = _errno.EEXIST

@@ -3,15 +3,141 @@
 Sizes are 4 KiB pages except ``meminfo`` (kB, as ``/proc/meminfo`` prints
 them); PFNs are plain integers. Nothing here depends on time, so an in-process
 run and a multi-process run of the same scenario produce the same document
-(the top-level ``virtual_time`` and per-step ``time`` aside).
+(the top-level ``virtual_time``, per-step ``time`` and violation traces aside:
+:func:`without_time` drops them).
+
+Both runners build the document with the same pieces: a VM's view (from the
+guest model in process, from ``GuestMemory`` and ``Vm`` across processes), the
+expectation entries, the deduplicated violations and the sysfs-step outcome.
 """
 
 from __future__ import annotations
 
+import copy
+import operator
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from guest.mm.pages import ALLOCATED, BUDDY, OWNER_BALLOON, PAGE_OFFLINE, RESERVED
 from guest.vm import GuestVm
+from memhp.units import PAGE_SHIFT, SizeError, parse_size
+from memhp.v1 import guest_pb2
+
+#: ``/proc/meminfo`` fields in the order the guest model lists them.
+MEMINFO_ORDER = ("MemTotal", "MemFree", "MemAvailable", "Balloon")
+
+#: A finding before deduplication: invariant, first PFN, end PFN, message.
+Finding = tuple[str, int, int, str]
+
+
+class StepFailed(Exception):
+    """A step could not be carried out (a bad argument for this state of the VM)."""
+
+
+@dataclass
+class Violation:
+    invariant: str
+    vm: str
+    start_pfn: int
+    end_pfn: int
+    step: str
+    message: str
+    trace: list[str]
+    expected: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "invariant": self.invariant,
+            "vm": self.vm,
+            "pfn_start": self.start_pfn,
+            "pfn_end": self.end_pfn,
+            "step": self.step,
+            "message": self.message,
+            "trace": self.trace,
+            "expected": self.expected,
+        }
+
+
+def record_violations(
+    seen: set[Finding],
+    violations: list[Violation],
+    findings: Iterable[Finding],
+    *,
+    vm: str,
+    step: str,
+    trace: list[str],
+    expect: Iterable[str],
+) -> None:
+    """Append each finding not seen before (same invariant, PFNs and message) to ``violations``.
+
+    A violation is recorded once, at the step that first showed it; it is expected when
+    its invariant is one of the VM's ``expect_violations``.
+    """
+    expected = set(expect)
+    for finding in findings:
+        if finding in seen:
+            continue
+        seen.add(finding)
+        invariant, start, end, message = finding
+        violations.append(
+            Violation(invariant, vm, start, end, step, message, list(trace), invariant in expected)
+        )
+
+
+def record_dump(
+    seen: set[Finding],
+    violations: list[Violation],
+    unbacked_read: Iterable[tuple[int, int]],
+    *,
+    vm: str,
+    step: str,
+    trace: list[str],
+    expect: Iterable[str],
+) -> None:
+    """A dump walk that would read unbacked pages: one ``dump-read-unbacked`` per range."""
+    for s, e in unbacked_read:
+        key: Finding = ("dump-read-unbacked", s, e, "")
+        if key in seen:
+            continue
+        seen.add(key)
+        violations.append(
+            Violation(
+                "dump-read-unbacked",
+                vm,
+                s,
+                e,
+                step,
+                f"a dump would read {e - s} unbacked pages (not PageOffline)",
+                list(trace),
+                expected="dump-read-unbacked" in set(expect),
+            )
+        )
+
+
+def dump_outcome(
+    pages_read: int, pages_skipped_offline: int, unbacked_pages: int
+) -> dict[str, int]:
+    return {
+        "pages_read": pages_read,
+        "pages_skipped_offline": pages_skipped_offline,
+        "unbacked_pages_read": unbacked_pages,
+    }
+
+
+def sysfs_outcome(expect_error: Any, error: str | None) -> dict[str, str] | None:
+    """The result of an online/offline step whose write failed with ``-error`` (or not).
+
+    ``error`` is the errno's name (``EINVAL``) or None when the write succeeded; raises
+    :class:`StepFailed` when that is not what ``expect_error`` said.
+    """
+    if error is None:
+        if expect_error is not None:
+            raise StepFailed(f"expected error {expect_error}, but the write succeeded")
+        return None
+    if expect_error not in (error, f"-{error}", True):
+        raise StepFailed(f"expected error {expect_error}, got -{error}")
+    return {"error": f"-{error}"}
 
 
 def guest_view(guest: GuestVm) -> dict[str, Any]:
@@ -56,6 +182,78 @@ def guest_view(guest: GuestVm) -> dict[str, Any]:
     }
 
 
+def _zone(zone: str) -> str | None:
+    return zone or None
+
+
+def guest_view_pb(memory: guest_pb2.GuestMemory) -> dict[str, Any]:
+    """:func:`guest_view` from the guest agent's ``GetMemory`` answer (the same document)."""
+    meminfo = dict(memory.meminfo)
+    ordered = {k: meminfo.pop(k) for k in MEMINFO_ORDER if k in meminfo}
+    ordered.update(sorted(meminfo.items()))
+    c, p = memory.counters, memory.pages
+    return {
+        "blocks": [
+            {
+                "index": b.index,
+                "state": b.state,
+                "zone": _zone(b.zone),
+                "valid_zones": list(b.valid_zones),
+            }
+            for b in sorted(memory.blocks, key=lambda b: b.index)
+        ],
+        "meminfo": ordered,
+        "counters": {
+            "num_pages_added": c.num_pages_added,
+            "num_pages_onlined": c.num_pages_onlined,
+            "num_pages_ballooned": c.num_pages_ballooned,
+        },
+        "regions": [
+            {
+                "start": r.start_pfn,
+                "end": r.end_pfn,
+                "ha_end": r.ha_end_pfn,
+                "covered_start": r.covered_start_pfn,
+                "covered_end": r.covered_end_pfn,
+                "gaps": [[g.start_pfn, g.end_pfn] for g in r.gaps],
+            }
+            for r in memory.regions
+        ],
+        "pages": {
+            "buddy": p.buddy,
+            "allocated": p.allocated,
+            "page_offline": p.page_offline,
+            "ballooned": p.ballooned,
+            "reserved": p.reserved,
+        },
+    }
+
+
+def host_view(target: int | None, current: int, backed: int, state: str) -> dict[str, Any]:
+    """The host session's part of a VM's view (pages)."""
+    return {"target": target, "current": current, "backed": backed, "state": state}
+
+
+def vm_view(
+    guest: dict[str, Any],
+    *,
+    strategy: str,
+    driver_mode: str,
+    host: dict[str, Any],
+    violations: list[Violation],
+    full: bool = False,
+) -> dict[str, Any]:
+    """A VM's view: what ``expect`` looks up, and (``full``) what the result shows."""
+    view = dict(guest)
+    view["strategy"] = strategy
+    view["driver_mode"] = driver_mode
+    view["host"] = host
+    view["violations"] = (
+        [v.as_dict() for v in violations] if full else [v.invariant for v in violations]
+    )
+    return view
+
+
 def lookup(view: dict[str, Any], path: str) -> Any:
     """``counters.num_pages_onlined``, ``blocks.33.state`` (block index), ``regions.0.gaps``."""
     parts = path.split(".")
@@ -85,3 +283,100 @@ def lookup(view: dict[str, Any], path: str) -> Any:
         else:
             raise KeyError(f"{'.'.join(walked)}: {'.'.join(walked[:-1])} is a value, not a record")
     return node
+
+
+OPERATORS: dict[str, Callable[[Any, Any], bool]] = {
+    "eq": operator.eq,
+    "ne": operator.ne,
+    "ge": operator.ge,
+    "gt": operator.gt,
+    "le": operator.le,
+    "lt": operator.lt,
+    "contains": operator.contains,
+    "excludes": lambda a, b: b not in a,
+}
+
+
+def _convert(path: str, value: Any) -> Any:
+    """A size string in an expectation becomes the field's unit: kB in meminfo, else pages."""
+    if not isinstance(value, str) or not value[:1].isdigit():
+        return value
+    size = parse_size(value)
+    unit, name = (1 << 10, "kB") if path.startswith("meminfo.") else (1 << PAGE_SHIFT, "pages")
+    if size % unit:
+        raise TypeError(f"{path}: {value!r} is not a whole number of {name}")
+    return size // unit
+
+
+def compare(path: str, actual: Any, expected: Any) -> tuple[bool, Any]:
+    if isinstance(expected, dict):
+        ok = True
+        shown: dict[str, Any] = {}
+        for op, raw in expected.items():
+            if op not in OPERATORS:
+                raise TypeError(f"unknown comparison {op!r} (use {', '.join(OPERATORS)})")
+            value = _convert(path, raw)
+            shown[op] = value
+            ok = ok and bool(OPERATORS[op](actual, value))
+        return ok, shown
+    value = _convert(path, expected)
+    return actual == value, value
+
+
+def expectations(
+    view: dict[str, Any], args: dict[str, Any], *, step: str, vm: str
+) -> list[dict[str, Any]]:
+    """One entry per path of an ``expect`` step, looked up in ``view`` and compared."""
+    out: list[dict[str, Any]] = []
+    for path, expected in args.items():
+        if path == "vm":
+            continue
+        entry: dict[str, Any] = {"step": step, "vm": vm, "path": path}
+        try:
+            actual = lookup(view, path)
+            ok, shown = compare(path, actual, expected)
+        except (KeyError, SizeError, TypeError) as err:
+            entry.update(expected=expected, actual=None, ok=False, error=str(err).strip("'\""))
+        else:
+            entry.update(expected=shown, actual=actual, ok=ok)
+        out.append(entry)
+    return out
+
+
+def scenario_result(
+    *,
+    name: str,
+    seed: int,
+    now: float,
+    steps: list[dict[str, Any]],
+    expectations: list[dict[str, Any]],
+    vms: dict[str, dict[str, Any]],
+    violations: Iterable[Violation],
+) -> dict[str, Any]:
+    """The whole document; ``ok`` when every expectation held and every violation was expected."""
+    unexpected = [v for v in violations if not v.expected]
+    failed = [e for e in expectations if not e["ok"]]
+    return {
+        "scenario": name,
+        "seed": seed,
+        "virtual_time": round(now, 6),
+        "ok": not unexpected and not failed,
+        "steps": steps,
+        "expectations": expectations,
+        "vms": vms,
+    }
+
+
+def without_time(result: dict[str, Any]) -> dict[str, Any]:
+    """The result minus what depends on the clock: ``virtual_time``, each step's ``time``
+    and each violation's ``trace``; what two runs of a scenario (in process and across
+    processes) must agree on exactly."""
+    out = copy.deepcopy(result)
+    out.pop("virtual_time", None)
+    for step in out.get("steps", []):
+        step.pop("time", None)
+    for vm in out.get("vms", {}).values():
+        for v in vm.get("violations", []):
+            if isinstance(v, dict):
+                v.pop("trace", None)
+    return out

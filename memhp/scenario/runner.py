@@ -14,10 +14,8 @@ a short trace of the events before it.
 
 from __future__ import annotations
 
-import operator
 import random
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,9 +28,24 @@ from hypervisor.dm_host import DmHostSession
 from hypervisor.errors import HostCommandError
 from hypervisor.vm import VmConfig
 from memhp.logs import get_logger
-from memhp.scenario.result import guest_view, lookup
+from memhp.scenario.result import (
+    OPERATORS,
+    Finding,
+    StepFailed,
+    Violation,
+    compare,
+    dump_outcome,
+    expectations,
+    guest_view,
+    host_view,
+    record_dump,
+    record_violations,
+    scenario_result,
+    sysfs_outcome,
+    vm_view,
+)
 from memhp.scenario.spec import Scenario, Step, VmSpec
-from memhp.units import PAGE_SHIFT, SizeError, parse_size
+from memhp.units import PAGE_SHIFT
 
 log = get_logger("memhp.scenario")
 
@@ -51,32 +64,16 @@ TRACE_LENGTH = 8
 POST_INIT_DELAY = {"default": 0.0, "qemu": 50.0}
 
 
-class StepFailed(Exception):
-    """A step could not be carried out (a bad argument for this state of the VM)."""
-
-
-@dataclass
-class Violation:
-    invariant: str
-    vm: str
-    start_pfn: int
-    end_pfn: int
-    step: str
-    message: str
-    trace: list[str]
-    expected: bool = False
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "invariant": self.invariant,
-            "vm": self.vm,
-            "pfn_start": self.start_pfn,
-            "pfn_end": self.end_pfn,
-            "step": self.step,
-            "message": self.message,
-            "trace": self.trace,
-            "expected": self.expected,
-        }
+__all__ = [
+    "HOST_FIELDS",
+    "OPERATORS",
+    "Node",
+    "ScenarioRunner",
+    "StepFailed",
+    "Violation",
+    "compare",
+    "run_scenario",
+]
 
 
 @dataclass
@@ -87,7 +84,7 @@ class Node:
     host: DmHostSession
     guest: GuestVm
     events: deque[str] = field(default_factory=lambda: deque(maxlen=TRACE_LENGTH))
-    seen: set[tuple[str, int, int, str]] = field(default_factory=set)
+    seen: set[Finding] = field(default_factory=set)
     violations: list[Violation] = field(default_factory=list)
 
 
@@ -254,7 +251,9 @@ class ScenarioRunner:
                 for s, e in region.backed.ranges():
                     offered.add(s, e)
             findings = check_guest(node.guest.mm, node.guest.driver, node.host.backed, offered)
-            items = [(f.invariant, f.start_pfn, f.end_pfn, f.message) for f in findings]
+            items: list[Finding] = [
+                (f.invariant, f.start_pfn, f.end_pfn, f.message) for f in findings
+            ]
             for violation in [*node.host.violations, *node.host.protocol_errors]:
                 items.append(
                     (
@@ -264,23 +263,15 @@ class ScenarioRunner:
                         violation.message,
                     )
                 )
-            for invariant, start, end, message in items:
-                key = (invariant, start, end, message)
-                if key in node.seen:
-                    continue
-                node.seen.add(key)
-                node.violations.append(
-                    Violation(
-                        invariant,
-                        node.spec.id,
-                        start,
-                        end,
-                        self.current_step,
-                        message,
-                        list(node.events),
-                        expected=invariant in node.spec.expect_violations,
-                    )
-                )
+            record_violations(
+                node.seen,
+                node.violations,
+                items,
+                vm=node.spec.id,
+                step=self.current_step,
+                trace=list(node.events),
+                expect=node.spec.expect_violations,
+            )
 
     # -- steps ---------------------------------------------------------------------------
 
@@ -346,12 +337,8 @@ class ScenarioRunner:
         except MemoryHotplugError as err:
             if expect_error is None:
                 raise
-            if expect_error not in (err.name, f"-{err.name}", True):
-                raise StepFailed(f"expected error {expect_error}, got -{err.name}") from None
-            return {"error": f"-{err.name}"}
-        if expect_error is not None:
-            raise StepFailed(f"expected error {expect_error}, but the write succeeded")
-        return None
+            return sysfs_outcome(expect_error, err.name)
+        return sysfs_outcome(expect_error, None)
 
     def _step_online(self, node: Node, a: dict[str, Any]) -> Any:
         return self._sysfs_step(
@@ -389,116 +376,51 @@ class ScenarioRunner:
 
     def _step_dump(self, node: Node, a: dict[str, Any]) -> Any:
         report = walk_dump(node.guest.mm, node.host.backed, skip_free=bool(a.get("skip_free")))
-        for s, e in report.unbacked_read:
-            key = ("dump-read-unbacked", s, e, "")
-            if key not in node.seen:
-                node.seen.add(key)
-                node.violations.append(
-                    Violation(
-                        "dump-read-unbacked",
-                        node.spec.id,
-                        s,
-                        e,
-                        self.current_step,
-                        f"a dump would read {e - s} unbacked pages (not PageOffline)",
-                        list(node.events),
-                        expected="dump-read-unbacked" in node.spec.expect_violations,
-                    )
-                )
-        return {
-            "pages_read": report.pages_read,
-            "pages_skipped_offline": report.pages_skipped_offline,
-            "unbacked_pages_read": report.unbacked_pages,
-        }
+        record_dump(
+            node.seen,
+            node.violations,
+            report.unbacked_read,
+            vm=node.spec.id,
+            step=self.current_step,
+            trace=list(node.events),
+            expect=node.spec.expect_violations,
+        )
+        return dump_outcome(report.pages_read, report.pages_skipped_offline, report.unbacked_pages)
 
     def _step_expect(self, node: Node, a: dict[str, Any]) -> Any:
         view = self.vm_view(node)
-        for path, expected in a.items():
-            if path == "vm":
-                continue
-            entry: dict[str, Any] = {"step": self.current_step, "vm": node.spec.id, "path": path}
-            try:
-                actual = lookup(view, path)
-                ok, shown = compare(path, actual, expected)
-            except (KeyError, SizeError, TypeError) as err:
-                entry.update(expected=expected, actual=None, ok=False, error=str(err).strip("'\""))
-            else:
-                entry.update(expected=shown, actual=actual, ok=ok)
-            self.expectations.append(entry)
+        self.expectations += expectations(view, a, step=self.current_step, vm=node.spec.id)
         return None
 
     # -- results -----------------------------------------------------------------------------
 
-    def vm_view(self, node: Node) -> dict[str, Any]:
-        view = guest_view(node.guest)
-        view["strategy"] = node.spec.strategy
-        view["driver_mode"] = node.spec.driver_mode
-        view["host"] = {
-            "target": node.host.target_pages,
-            "current": node.host.current_pages,
-            "backed": len(node.host.backed),
-            "state": node.host.state,
-        }
-        view["violations"] = [v.invariant for v in node.violations]
-        return view
+    def vm_view(self, node: Node, *, full: bool = False) -> dict[str, Any]:
+        return vm_view(
+            guest_view(node.guest),
+            strategy=node.spec.strategy,
+            driver_mode=node.spec.driver_mode,
+            host=host_view(
+                node.host.target_pages,
+                node.host.current_pages,
+                len(node.host.backed),
+                node.host.state,
+            ),
+            violations=node.violations,
+            full=full,
+        )
 
     def result(self) -> dict[str, Any]:
         if not self.check_every_step:
             self.check()
-        vms: dict[str, Any] = {}
-        for vm_id, node in self.nodes.items():
-            view = self.vm_view(node)
-            view["violations"] = [v.as_dict() for v in node.violations]
-            vms[vm_id] = view
-        unexpected = [v for node in self.nodes.values() for v in node.violations if not v.expected]
-        failed = [e for e in self.expectations if not e["ok"]]
-        return {
-            "scenario": self.scenario.name,
-            "seed": self.seed,
-            "virtual_time": round(self.now, 6),
-            "ok": not unexpected and not failed,
-            "steps": self.step_results,
-            "expectations": self.expectations,
-            "vms": vms,
-        }
-
-
-OPERATORS: dict[str, Callable[[Any, Any], bool]] = {
-    "eq": operator.eq,
-    "ne": operator.ne,
-    "ge": operator.ge,
-    "gt": operator.gt,
-    "le": operator.le,
-    "lt": operator.lt,
-    "contains": operator.contains,
-    "excludes": lambda a, b: b not in a,
-}
-
-
-def _convert(path: str, value: Any) -> Any:
-    """A size string in an expectation becomes the field's unit: kB in meminfo, else pages."""
-    if not isinstance(value, str) or not value[:1].isdigit():
-        return value
-    size = parse_size(value)
-    unit, name = (1 << 10, "kB") if path.startswith("meminfo.") else (1 << PAGE_SHIFT, "pages")
-    if size % unit:
-        raise TypeError(f"{path}: {value!r} is not a whole number of {name}")
-    return size // unit
-
-
-def compare(path: str, actual: Any, expected: Any) -> tuple[bool, Any]:
-    if isinstance(expected, dict):
-        ok = True
-        shown: dict[str, Any] = {}
-        for op, raw in expected.items():
-            if op not in OPERATORS:
-                raise TypeError(f"unknown comparison {op!r} (use {', '.join(OPERATORS)})")
-            value = _convert(path, raw)
-            shown[op] = value
-            ok = ok and bool(OPERATORS[op](actual, value))
-        return ok, shown
-    value = _convert(path, expected)
-    return actual == value, value
+        return scenario_result(
+            name=self.scenario.name,
+            seed=self.seed,
+            now=self.now,
+            steps=self.step_results,
+            expectations=self.expectations,
+            vms={vm_id: self.vm_view(node, full=True) for vm_id, node in self.nodes.items()},
+            violations=[v for node in self.nodes.values() for v in node.violations],
+        )
 
 
 def run_scenario(

@@ -214,6 +214,14 @@ class Vm(_message.Message):
     POLICY_FIELD_NUMBER: _builtins.int
     PROTOCOL_VERSION_FIELD_NUMBER: _builtins.int
     HOT_ADD_DISABLED_FIELD_NUMBER: _builtins.int
+    QUEUED_COMMANDS_FIELD_NUMBER: _builtins.int
+    BUSY_FIELD_NUMBER: _builtins.int
+    BACKED_FIELD_NUMBER: _builtins.int
+    BALLOONED_FIELD_NUMBER: _builtins.int
+    REQUESTED_SET_FIELD_NUMBER: _builtins.int
+    FRAMES_RECEIVED_FIELD_NUMBER: _builtins.int
+    FRAMES_SENT_FIELD_NUMBER: _builtins.int
+    VIOLATION_EVENTS_FIELD_NUMBER: _builtins.int
     attached: _builtins.bool
     """A guest agent is attached on a DM channel."""
     dm_state: _builtins.str
@@ -229,6 +237,19 @@ class Vm(_message.Message):
     protocol_version: _builtins.int
     """The negotiated DM version (0x20000 = 2.0); 0 before negotiation."""
     hot_add_disabled: _builtins.bool
+    queued_commands: _builtins.int
+    """Operator commands waiting behind the running one."""
+    busy: _builtins.bool
+    """A transaction is in flight, or a command runs or waits (false: the host is settled)."""
+    requested_set: _builtins.bool
+    """requested_bytes was set by the operator or the policy (false: never set)."""
+    frames_received: _builtins.int
+    """DM frames received from and sent to the guest, over every stream so far."""
+    frames_sent: _builtins.int
+    violation_events: _builtins.int
+    """"violation" and "protocol_error" events published for this VM so far: a watcher that
+    has seen this many of them has seen all of them.
+    """
     @_builtins.property
     def spec(self) -> Global___VmSpec: ...
     @_builtins.property
@@ -237,6 +258,16 @@ class Vm(_message.Message):
     def in_flight(self) -> Global___Transaction: ...
     @_builtins.property
     def policy(self) -> Global___Policy: ...
+    @_builtins.property
+    def backed(self) -> _containers.RepeatedCompositeFieldContainer[_dm_pb2.PageRange]:
+        """The host's live ground truth: boot memory plus every page backed through hot-add,
+        minus the ballooned pages (what the guest may touch).
+        """
+
+    @_builtins.property
+    def ballooned(self) -> _containers.RepeatedCompositeFieldContainer[_dm_pb2.PageRange]:
+        """Pages the guest ballooned and the host discarded."""
+
     def __init__(
         self,
         *,
@@ -253,10 +284,18 @@ class Vm(_message.Message):
         policy: Global___Policy | None = ...,
         protocol_version: _builtins.int = ...,
         hot_add_disabled: _builtins.bool = ...,
+        queued_commands: _builtins.int = ...,
+        busy: _builtins.bool = ...,
+        backed: _abc.Iterable[_dm_pb2.PageRange] | None = ...,
+        ballooned: _abc.Iterable[_dm_pb2.PageRange] | None = ...,
+        requested_set: _builtins.bool = ...,
+        frames_received: _builtins.int = ...,
+        frames_sent: _builtins.int = ...,
+        violation_events: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_in_flight", b"_in_flight", "in_flight", b"in_flight", "policy", b"policy", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_in_flight", b"_in_flight", "actual_bytes", b"actual_bytes", "attached", b"attached", "available_bytes", b"available_bytes", "ballooned_bytes", b"ballooned_bytes", "committed_bytes", b"committed_bytes", "dm_state", b"dm_state", "hot_add_disabled", b"hot_add_disabled", "in_flight", b"in_flight", "policy", b"policy", "protocol_version", b"protocol_version", "regions", b"regions", "requested_bytes", b"requested_bytes", "spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_in_flight", b"_in_flight", "actual_bytes", b"actual_bytes", "attached", b"attached", "available_bytes", b"available_bytes", "backed", b"backed", "ballooned", b"ballooned", "ballooned_bytes", b"ballooned_bytes", "busy", b"busy", "committed_bytes", b"committed_bytes", "dm_state", b"dm_state", "frames_received", b"frames_received", "frames_sent", b"frames_sent", "hot_add_disabled", b"hot_add_disabled", "in_flight", b"in_flight", "policy", b"policy", "protocol_version", b"protocol_version", "queued_commands", b"queued_commands", "regions", b"regions", "requested_bytes", b"requested_bytes", "requested_set", b"requested_set", "spec", b"spec", "violation_events", b"violation_events"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__in_flight: _TypeAlias = _typing.Literal["in_flight"]  # noqa: Y015
     _WhichOneofArgType__in_flight: _TypeAlias = _typing.Literal["_in_flight", b"_in_flight"]  # noqa: Y015

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14memhp/v1/guest.proto\x12\x08memhp.v1\"o\n\x0bMemoryBlock\x12\r\n\x05index\x18\x01 \x01(\x04\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0c\n\x04zone\x18\x03 \x01(\t\x12\x13\n\x0bvalid_zones\x18\x04 \x03(\t\x12\x0c\n\x04node\x18\x05 \x01(\r\x12\x11\n\tremovable\x18\x06 \x01(\x08\"\x96\x01\n\x0bHotAddState\x12\x11\n\tstart_pfn\x18\x01 \x01(\x04\x12\x0f\n\x07\x65nd_pfn\x18\x02 \x01(\x04\x12\x12\n\nha_end_pfn\x18\x03 \x01(\x04\x12\x19\n\x11\x63overed_start_pfn\x18\x04 \x01(\x04\x12\x17\n\x0f\x63overed_end_pfn\x18\x05 \x01(\x04\x12\x1b\n\x04gaps\x18\x06 \x03(\x0b\x32\r.memhp.v1.Gap\")\n\x03Gap\x12\x11\n\tstart_pfn\x18\x01 \x01(\x04\x12\x0f\n\x07\x65nd_pfn\x18\x02 \x01(\x04\"a\n\x0e\x44riverCounters\x12\x17\n\x0fnum_pages_added\x18\x01 \x01(\x04\x12\x19\n\x11num_pages_onlined\x18\x02 \x01(\x04\x12\x1b\n\x13num_pages_ballooned\x18\x03 \x01(\x04\"i\n\nPageCounts\x12\r\n\x05\x62uddy\x18\x01 \x01(\x04\x12\x11\n\tallocated\x18\x02 \x01(\x04\x12\x14\n\x0cpage_offline\x18\x03 \x01(\x04\x12\x11\n\tballooned\x18\x04 \x01(\x04\x12\x10\n\x08reserved\x18\x05 \x01(\x04\"b\n\tViolation\x12\x11\n\tinvariant\x18\x01 \x01(\t\x12\x11\n\tpfn_start\x18\x02 \x01(\x04\x12\x0f\n\x07pfn_end\x18\x03 \x01(\x04\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\r\n\x05trace\x18\x05 \x03(\t\"\x12\n\x10GetMemoryRequest\"\xb9\x03\n\x0bGuestMemory\x12\r\n\x05vm_id\x18\x01 \x01(\t\x12\x18\n\x10\x62lock_size_bytes\x18\x02 \x01(\x04\x12\x1a\n\x12\x61uto_online_blocks\x18\x03 \x01(\t\x12%\n\x06\x62locks\x18\x04 \x03(\x0b\x32\x15.memhp.v1.MemoryBlock\x12\x33\n\x07meminfo\x18\x05 \x03(\x0b\x32\".memhp.v1.GuestMemory.MeminfoEntry\x12*\n\x08\x63ounters\x18\x06 \x01(\x0b\x32\x18.memhp.v1.DriverCounters\x12&\n\x07regions\x18\x07 \x03(\x0b\x32\x15.memhp.v1.HotAddState\x12#\n\x05pages\x18\x08 \x01(\x0b\x32\x14.memhp.v1.PageCounts\x12\'\n\nviolations\x18\t \x03(\x0b\x32\x13.memhp.v1.Violation\x12\x10\n\x08strategy\x18\n \x01(\t\x12\x13\n\x0b\x64river_mode\x18\x0b \x01(\t\x12\x10\n\x08\x64m_state\x18\x0c \x01(\t\x1a.\n\x0cMeminfoEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"4\n\x14SetBlockStateRequest\x12\r\n\x05index\x18\x01 \x01(\x04\x12\r\n\x05state\x18\x02 \x01(\t2\x9c\x01\n\x12GuestIntrospection\x12>\n\tGetMemory\x12\x1a.memhp.v1.GetMemoryRequest\x1a\x15.memhp.v1.GuestMemory\x12\x46\n\rSetBlockState\x12\x1e.memhp.v1.SetBlockStateRequest\x1a\x15.memhp.v1.MemoryBlockb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14memhp/v1/guest.proto\x12\x08memhp.v1\"o\n\x0bMemoryBlock\x12\r\n\x05index\x18\x01 \x01(\x04\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0c\n\x04zone\x18\x03 \x01(\t\x12\x13\n\x0bvalid_zones\x18\x04 \x03(\t\x12\x0c\n\x04node\x18\x05 \x01(\r\x12\x11\n\tremovable\x18\x06 \x01(\x08\"\x96\x01\n\x0bHotAddState\x12\x11\n\tstart_pfn\x18\x01 \x01(\x04\x12\x0f\n\x07\x65nd_pfn\x18\x02 \x01(\x04\x12\x12\n\nha_end_pfn\x18\x03 \x01(\x04\x12\x19\n\x11\x63overed_start_pfn\x18\x04 \x01(\x04\x12\x17\n\x0f\x63overed_end_pfn\x18\x05 \x01(\x04\x12\x1b\n\x04gaps\x18\x06 \x03(\x0b\x32\r.memhp.v1.Gap\")\n\x03Gap\x12\x11\n\tstart_pfn\x18\x01 \x01(\x04\x12\x0f\n\x07\x65nd_pfn\x18\x02 \x01(\x04\"a\n\x0e\x44riverCounters\x12\x17\n\x0fnum_pages_added\x18\x01 \x01(\x04\x12\x19\n\x11num_pages_onlined\x18\x02 \x01(\x04\x12\x1b\n\x13num_pages_ballooned\x18\x03 \x01(\x04\"i\n\nPageCounts\x12\r\n\x05\x62uddy\x18\x01 \x01(\x04\x12\x11\n\tallocated\x18\x02 \x01(\x04\x12\x14\n\x0cpage_offline\x18\x03 \x01(\x04\x12\x11\n\tballooned\x18\x04 \x01(\x04\x12\x10\n\x08reserved\x18\x05 \x01(\x04\"b\n\tViolation\x12\x11\n\tinvariant\x18\x01 \x01(\t\x12\x11\n\tpfn_start\x18\x02 \x01(\x04\x12\x0f\n\x07pfn_end\x18\x03 \x01(\x04\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\r\n\x05trace\x18\x05 \x03(\t\".\n\x08PfnRange\x12\x11\n\tstart_pfn\x18\x01 \x01(\x04\x12\x0f\n\x07\x65nd_pfn\x18\x02 \x01(\x04\"y\n\x10GetMemoryRequest\x12\x12\n\nhost_truth\x18\x01 \x01(\x08\x12\'\n\x0bhost_backed\x18\x02 \x03(\x0b\x32\x12.memhp.v1.PfnRange\x12(\n\x0chost_offered\x18\x03 \x03(\x0b\x32\x12.memhp.v1.PfnRange\"\x8e\x04\n\x0bGuestMemory\x12\r\n\x05vm_id\x18\x01 \x01(\t\x12\x18\n\x10\x62lock_size_bytes\x18\x02 \x01(\x04\x12\x1a\n\x12\x61uto_online_blocks\x18\x03 \x01(\t\x12%\n\x06\x62locks\x18\x04 \x03(\x0b\x32\x15.memhp.v1.MemoryBlock\x12\x33\n\x07meminfo\x18\x05 \x03(\x0b\x32\".memhp.v1.GuestMemory.MeminfoEntry\x12*\n\x08\x63ounters\x18\x06 \x01(\x0b\x32\x18.memhp.v1.DriverCounters\x12&\n\x07regions\x18\x07 \x03(\x0b\x32\x15.memhp.v1.HotAddState\x12#\n\x05pages\x18\x08 \x01(\x0b\x32\x14.memhp.v1.PageCounts\x12\'\n\nviolations\x18\t \x03(\x0b\x32\x13.memhp.v1.Violation\x12\x10\n\x08strategy\x18\n \x01(\t\x12\x13\n\x0b\x64river_mode\x18\x0b \x01(\t\x12\x10\n\x08\x64m_state\x18\x0c \x01(\t\x12\x0c\n\x04\x62usy\x18\r \x01(\x08\x12\x17\n\x0funsent_messages\x18\x0e \x01(\r\x12\x13\n\x0b\x66rames_sent\x18\x0f \x01(\x04\x12\x17\n\x0f\x66rames_received\x18\x10 \x01(\x04\x1a.\n\x0cMeminfoEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"4\n\x14SetBlockStateRequest\x12\r\n\x05index\x18\x01 \x01(\x04\x12\r\n\x05state\x18\x02 \x01(\t\"l\n\x0f\x41llocateRequest\x12\r\n\x05pages\x18\x01 \x01(\x04\x12\r\n\x05order\x18\x02 \x01(\r\x12\x0c\n\x04zone\x18\x03 \x01(\t\x12\x0b\n\x03tag\x18\x04 \x01(\t\x12\x14\n\x07movable\x18\x05 \x01(\x08H\x00\x88\x01\x01\x42\n\n\x08_movable\"+\n\x10\x41llocateResponse\x12\x17\n\x0f\x61llocated_pages\x18\x01 \x01(\x04\"p\n\x17\x41llocateInWindowRequest\x12\r\n\x05pages\x18\x01 \x01(\x04\x12\r\n\x05order\x18\x02 \x01(\r\x12\x0c\n\x04zone\x18\x03 \x01(\t\x12\x0b\n\x03tag\x18\x04 \x01(\t\x12\x12\n\x05\x62lock\x18\x05 \x01(\x04H\x00\x88\x01\x01\x42\x08\n\x06_block\"\x1a\n\x18\x41llocateInWindowResponse\"8\n\x0b\x46reeRequest\x12\x0b\n\x03tag\x18\x01 \x01(\t\x12\x12\n\x05pages\x18\x02 \x01(\x04H\x00\x88\x01\x01\x42\x08\n\x06_pages\"#\n\x0c\x46reeResponse\x12\x13\n\x0b\x66reed_pages\x18\x01 \x01(\x04\"Y\n\x1aInjectNotifierErrorRequest\x12\x0e\n\x06\x61\x63tion\x18\x01 \x01(\t\x12\r\n\x05\x65rrno\x18\x02 \x01(\x05\x12\x12\n\x05\x63ount\x18\x03 \x01(\rH\x00\x88\x01\x01\x42\x08\n\x06_count\"J\n\x19InjectSlowOnliningRequest\x12\x0f\n\x07seconds\x18\x01 \x01(\x01\x12\x12\n\x05\x63ount\x18\x02 \x01(\rH\x00\x88\x01\x01\x42\x08\n\x06_count\"\x10\n\x0eInjectResponse\"]\n\x0b\x44umpRequest\x12\x11\n\tskip_free\x18\x01 \x01(\x08\x12\x12\n\nhost_truth\x18\x02 \x01(\x08\x12\'\n\x0bhost_backed\x18\x03 \x03(\x0b\x32\x12.memhp.v1.PfnRange\"\x88\x01\n\x0c\x44umpResponse\x12\x12\n\npages_read\x18\x01 \x01(\x04\x12\x1d\n\x15pages_skipped_offline\x18\x02 \x01(\x04\x12\x1a\n\x12pages_skipped_free\x18\x03 \x01(\x04\x12)\n\runbacked_read\x18\x04 \x03(\x0b\x32\x12.memhp.v1.PfnRange2\x9c\x01\n\x12GuestIntrospection\x12>\n\tGetMemory\x12\x1a.memhp.v1.GetMemoryRequest\x1a\x15.memhp.v1.GuestMemory\x12\x46\n\rSetBlockState\x12\x1e.memhp.v1.SetBlockStateRequest\x1a\x15.memhp.v1.MemoryBlock2\xc6\x03\n\x0cGuestControl\x12\x41\n\x08\x41llocate\x12\x19.memhp.v1.AllocateRequest\x1a\x1a.memhp.v1.AllocateResponse\x12Y\n\x10\x41llocateInWindow\x12!.memhp.v1.AllocateInWindowRequest\x1a\".memhp.v1.AllocateInWindowResponse\x12\x35\n\x04\x46ree\x12\x15.memhp.v1.FreeRequest\x1a\x16.memhp.v1.FreeResponse\x12U\n\x13InjectNotifierError\x12$.memhp.v1.InjectNotifierErrorRequest\x1a\x18.memhp.v1.InjectResponse\x12S\n\x12InjectSlowOnlining\x12#.memhp.v1.InjectSlowOnliningRequest\x1a\x18.memhp.v1.InjectResponse\x12\x35\n\x04\x44ump\x12\x15.memhp.v1.DumpRequest\x1a\x16.memhp.v1.DumpResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,14 +45,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PAGECOUNTS']._serialized_end=547
   _globals['_VIOLATION']._serialized_start=549
   _globals['_VIOLATION']._serialized_end=647
-  _globals['_GETMEMORYREQUEST']._serialized_start=649
-  _globals['_GETMEMORYREQUEST']._serialized_end=667
-  _globals['_GUESTMEMORY']._serialized_start=670
-  _globals['_GUESTMEMORY']._serialized_end=1111
-  _globals['_GUESTMEMORY_MEMINFOENTRY']._serialized_start=1065
-  _globals['_GUESTMEMORY_MEMINFOENTRY']._serialized_end=1111
-  _globals['_SETBLOCKSTATEREQUEST']._serialized_start=1113
-  _globals['_SETBLOCKSTATEREQUEST']._serialized_end=1165
-  _globals['_GUESTINTROSPECTION']._serialized_start=1168
-  _globals['_GUESTINTROSPECTION']._serialized_end=1324
+  _globals['_PFNRANGE']._serialized_start=649
+  _globals['_PFNRANGE']._serialized_end=695
+  _globals['_GETMEMORYREQUEST']._serialized_start=697
+  _globals['_GETMEMORYREQUEST']._serialized_end=818
+  _globals['_GUESTMEMORY']._serialized_start=821
+  _globals['_GUESTMEMORY']._serialized_end=1347
+  _globals['_GUESTMEMORY_MEMINFOENTRY']._serialized_start=1301
+  _globals['_GUESTMEMORY_MEMINFOENTRY']._serialized_end=1347
+  _globals['_SETBLOCKSTATEREQUEST']._serialized_start=1349
+  _globals['_SETBLOCKSTATEREQUEST']._serialized_end=1401
+  _globals['_ALLOCATEREQUEST']._serialized_start=1403
+  _globals['_ALLOCATEREQUEST']._serialized_end=1511
+  _globals['_ALLOCATERESPONSE']._serialized_start=1513
+  _globals['_ALLOCATERESPONSE']._serialized_end=1556
+  _globals['_ALLOCATEINWINDOWREQUEST']._serialized_start=1558
+  _globals['_ALLOCATEINWINDOWREQUEST']._serialized_end=1670
+  _globals['_ALLOCATEINWINDOWRESPONSE']._serialized_start=1672
+  _globals['_ALLOCATEINWINDOWRESPONSE']._serialized_end=1698
+  _globals['_FREEREQUEST']._serialized_start=1700
+  _globals['_FREEREQUEST']._serialized_end=1756
+  _globals['_FREERESPONSE']._serialized_start=1758
+  _globals['_FREERESPONSE']._serialized_end=1793
+  _globals['_INJECTNOTIFIERERRORREQUEST']._serialized_start=1795
+  _globals['_INJECTNOTIFIERERRORREQUEST']._serialized_end=1884
+  _globals['_INJECTSLOWONLININGREQUEST']._serialized_start=1886
+  _globals['_INJECTSLOWONLININGREQUEST']._serialized_end=1960
+  _globals['_INJECTRESPONSE']._serialized_start=1962
+  _globals['_INJECTRESPONSE']._serialized_end=1978
+  _globals['_DUMPREQUEST']._serialized_start=1980
+  _globals['_DUMPREQUEST']._serialized_end=2073
+  _globals['_DUMPRESPONSE']._serialized_start=2076
+  _globals['_DUMPRESPONSE']._serialized_end=2212
+  _globals['_GUESTINTROSPECTION']._serialized_start=2215
+  _globals['_GUESTINTROSPECTION']._serialized_end=2371
+  _globals['_GUESTCONTROL']._serialized_start=2374
+  _globals['_GUESTCONTROL']._serialized_end=2828
 # @@protoc_insertion_point(module_scope)

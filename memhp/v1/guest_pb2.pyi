@@ -217,15 +217,60 @@ class Violation(_message.Message):
 Global___Violation: _TypeAlias = Violation  # noqa: Y015
 
 @_typing.final
-class GetMemoryRequest(_message.Message):
+class PfnRange(_message.Message):
+    """A range of guest page frame numbers, [start_pfn, end_pfn)."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
+    START_PFN_FIELD_NUMBER: _builtins.int
+    END_PFN_FIELD_NUMBER: _builtins.int
+    start_pfn: _builtins.int
+    end_pfn: _builtins.int
     def __init__(
         self,
+        *,
+        start_pfn: _builtins.int = ...,
+        end_pfn: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_pfn", b"end_pfn", "start_pfn", b"start_pfn"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PfnRange: _TypeAlias = PfnRange  # noqa: Y015
+
+@_typing.final
+class GetMemoryRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_TRUTH_FIELD_NUMBER: _builtins.int
+    HOST_BACKED_FIELD_NUMBER: _builtins.int
+    HOST_OFFERED_FIELD_NUMBER: _builtins.int
+    host_truth: _builtins.bool
+    """Check the invariants against the host's ground truth below (what the hypervisor's
+    Control.GetVm reports); without it only the guest-only invariants are checked.
+    """
+    @_builtins.property
+    def host_backed(self) -> _containers.RepeatedCompositeFieldContainer[Global___PfnRange]:
+        """Pages the host backs now: boot memory plus every page backed through hot-add, minus
+        the ballooned ones (Vm.backed).
+        """
+
+    @_builtins.property
+    def host_offered(self) -> _containers.RepeatedCompositeFieldContainer[Global___PfnRange]:
+        """Every page the host ever backed through hot-add (the union of Region.backed)."""
+
+    def __init__(
+        self,
+        *,
+        host_truth: _builtins.bool = ...,
+        host_backed: _abc.Iterable[Global___PfnRange] | None = ...,
+        host_offered: _abc.Iterable[Global___PfnRange] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host_backed", b"host_backed", "host_offered", b"host_offered", "host_truth", b"host_truth"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -267,6 +312,10 @@ class GuestMemory(_message.Message):
     STRATEGY_FIELD_NUMBER: _builtins.int
     DRIVER_MODE_FIELD_NUMBER: _builtins.int
     DM_STATE_FIELD_NUMBER: _builtins.int
+    BUSY_FIELD_NUMBER: _builtins.int
+    UNSENT_MESSAGES_FIELD_NUMBER: _builtins.int
+    FRAMES_SENT_FIELD_NUMBER: _builtins.int
+    FRAMES_RECEIVED_FIELD_NUMBER: _builtins.int
     vm_id: _builtins.str
     block_size_bytes: _builtins.int
     auto_online_blocks: _builtins.str
@@ -274,6 +323,17 @@ class GuestMemory(_message.Message):
     driver_mode: _builtins.str
     dm_state: _builtins.str
     """The DM driver's state (DM_INITIALIZED, DM_HOT_ADD, ...)."""
+    busy: _builtins.bool
+    """Driver work is pending: the probe, a hot-add or a balloon request (user space, such as
+    udev onlining, runs on its own and does not count).
+    """
+    unsent_messages: _builtins.int
+    """DM messages the driver produced that the agent has not sent yet (batched page-access
+    reports included).
+    """
+    frames_sent: _builtins.int
+    """DM frames the agent sent to and received from the hypervisor since it started."""
+    frames_received: _builtins.int
     @_builtins.property
     def blocks(self) -> _containers.RepeatedCompositeFieldContainer[Global___MemoryBlock]: ...
     @_builtins.property
@@ -303,10 +363,14 @@ class GuestMemory(_message.Message):
         strategy: _builtins.str = ...,
         driver_mode: _builtins.str = ...,
         dm_state: _builtins.str = ...,
+        busy: _builtins.bool = ...,
+        unsent_messages: _builtins.int = ...,
+        frames_sent: _builtins.int = ...,
+        frames_received: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["counters", b"counters", "pages", b"pages"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["auto_online_blocks", b"auto_online_blocks", "block_size_bytes", b"block_size_bytes", "blocks", b"blocks", "counters", b"counters", "dm_state", b"dm_state", "driver_mode", b"driver_mode", "meminfo", b"meminfo", "pages", b"pages", "regions", b"regions", "strategy", b"strategy", "violations", b"violations", "vm_id", b"vm_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auto_online_blocks", b"auto_online_blocks", "block_size_bytes", b"block_size_bytes", "blocks", b"blocks", "busy", b"busy", "counters", b"counters", "dm_state", b"dm_state", "driver_mode", b"driver_mode", "frames_received", b"frames_received", "frames_sent", b"frames_sent", "meminfo", b"meminfo", "pages", b"pages", "regions", b"regions", "strategy", b"strategy", "unsent_messages", b"unsent_messages", "violations", b"violations", "vm_id", b"vm_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -336,3 +400,304 @@ class SetBlockStateRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SetBlockStateRequest: _TypeAlias = SetBlockStateRequest  # noqa: Y015
+
+@_typing.final
+class AllocateRequest(_message.Message):
+    """GuestControl: what a process in the guest (or a test harness) does to its memory; used
+    by `memhp scenario run --processes` for the allocate, free, inject and dump steps.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGES_FIELD_NUMBER: _builtins.int
+    ORDER_FIELD_NUMBER: _builtins.int
+    ZONE_FIELD_NUMBER: _builtins.int
+    TAG_FIELD_NUMBER: _builtins.int
+    MOVABLE_FIELD_NUMBER: _builtins.int
+    pages: _builtins.int
+    """Pages to allocate, in blocks of 2^order pages (pages >> order allocations)."""
+    order: _builtins.int
+    """0..10 (MAX_PAGE_ORDER)."""
+    zone: _builtins.str
+    """"Normal" or "Movable"; empty: Normal."""
+    tag: _builtins.str
+    """The owner the pages are accounted to (free releases them by tag); empty: "workload"."""
+    movable: _builtins.bool
+    """GFP_MOVABLE or not; absent: what the zone implies."""
+    def __init__(
+        self,
+        *,
+        pages: _builtins.int = ...,
+        order: _builtins.int = ...,
+        zone: _builtins.str = ...,
+        tag: _builtins.str = ...,
+        movable: _builtins.bool | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_movable", b"_movable", "movable", b"movable"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_movable", b"_movable", "movable", b"movable", "order", b"order", "pages", b"pages", "tag", b"tag", "zone", b"zone"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__movable: _TypeAlias = _typing.Literal["movable"]  # noqa: Y015
+    _WhichOneofArgType__movable: _TypeAlias = _typing.Literal["_movable", b"_movable"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__movable) -> _WhichOneofReturnType__movable | None: ...
+
+Global___AllocateRequest: _TypeAlias = AllocateRequest  # noqa: Y015
+
+@_typing.final
+class AllocateResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALLOCATED_PAGES_FIELD_NUMBER: _builtins.int
+    allocated_pages: _builtins.int
+    """Pages allocated (fewer than asked when memory ran out)."""
+    def __init__(
+        self,
+        *,
+        allocated_pages: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocated_pages", b"allocated_pages"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AllocateResponse: _TypeAlias = AllocateResponse  # noqa: Y015
+
+@_typing.final
+class AllocateInWindowRequest(_message.Message):
+    """Arm an allocation that runs inside the next onlining window of its zone (after the new
+    pages reach the buddy, before MEM_ONLINE): the race of online-then-reclaim.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGES_FIELD_NUMBER: _builtins.int
+    ORDER_FIELD_NUMBER: _builtins.int
+    ZONE_FIELD_NUMBER: _builtins.int
+    TAG_FIELD_NUMBER: _builtins.int
+    BLOCK_FIELD_NUMBER: _builtins.int
+    pages: _builtins.int
+    order: _builtins.int
+    zone: _builtins.str
+    """"Normal" or "Movable"; empty: Normal."""
+    tag: _builtins.str
+    """Empty: "workload"."""
+    block: _builtins.int
+    """Only the onlining window of this memory block; absent: the next window in the zone."""
+    def __init__(
+        self,
+        *,
+        pages: _builtins.int = ...,
+        order: _builtins.int = ...,
+        zone: _builtins.str = ...,
+        tag: _builtins.str = ...,
+        block: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_block", b"_block", "block", b"block"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_block", b"_block", "block", b"block", "order", b"order", "pages", b"pages", "tag", b"tag", "zone", b"zone"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__block: _TypeAlias = _typing.Literal["block"]  # noqa: Y015
+    _WhichOneofArgType__block: _TypeAlias = _typing.Literal["_block", b"_block"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__block) -> _WhichOneofReturnType__block | None: ...
+
+Global___AllocateInWindowRequest: _TypeAlias = AllocateInWindowRequest  # noqa: Y015
+
+@_typing.final
+class AllocateInWindowResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AllocateInWindowResponse: _TypeAlias = AllocateInWindowResponse  # noqa: Y015
+
+@_typing.final
+class FreeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TAG_FIELD_NUMBER: _builtins.int
+    PAGES_FIELD_NUMBER: _builtins.int
+    tag: _builtins.str
+    pages: _builtins.int
+    """Pages to free; absent: everything the tag holds."""
+    def __init__(
+        self,
+        *,
+        tag: _builtins.str = ...,
+        pages: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_pages", b"_pages", "pages", b"pages"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_pages", b"_pages", "pages", b"pages", "tag", b"tag"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__pages: _TypeAlias = _typing.Literal["pages"]  # noqa: Y015
+    _WhichOneofArgType__pages: _TypeAlias = _typing.Literal["_pages", b"_pages"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__pages) -> _WhichOneofReturnType__pages | None: ...
+
+Global___FreeRequest: _TypeAlias = FreeRequest  # noqa: Y015
+
+@_typing.final
+class FreeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FREED_PAGES_FIELD_NUMBER: _builtins.int
+    freed_pages: _builtins.int
+    def __init__(
+        self,
+        *,
+        freed_pages: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["freed_pages", b"freed_pages"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FreeResponse: _TypeAlias = FreeResponse  # noqa: Y015
+
+@_typing.final
+class InjectNotifierErrorRequest(_message.Message):
+    """notifier-error-inject: the memory notifier fails the action with errno."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACTION_FIELD_NUMBER: _builtins.int
+    ERRNO_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    action: _builtins.str
+    """"MEM_GOING_ONLINE" or "MEM_GOING_OFFLINE"."""
+    errno: _builtins.int
+    """A negative errno, e.g. -12 (-ENOMEM)."""
+    count: _builtins.int
+    """How many times; absent: until changed."""
+    def __init__(
+        self,
+        *,
+        action: _builtins.str = ...,
+        errno: _builtins.int = ...,
+        count: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_count", b"_count", "count", b"count"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_count", b"_count", "action", b"action", "count", b"count", "errno", b"errno"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__count: _TypeAlias = _typing.Literal["count"]  # noqa: Y015
+    _WhichOneofArgType__count: _TypeAlias = _typing.Literal["_count", b"_count"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__count) -> _WhichOneofReturnType__count | None: ...
+
+Global___InjectNotifierErrorRequest: _TypeAlias = InjectNotifierErrorRequest  # noqa: Y015
+
+@_typing.final
+class InjectSlowOnliningRequest(_message.Message):
+    """Onlinings pause this many seconds between their online_page callbacks and marking the
+    sections online.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SECONDS_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    seconds: _builtins.float
+    count: _builtins.int
+    """How many onlinings; absent: every one."""
+    def __init__(
+        self,
+        *,
+        seconds: _builtins.float = ...,
+        count: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_count", b"_count", "count", b"count"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_count", b"_count", "count", b"count", "seconds", b"seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__count: _TypeAlias = _typing.Literal["count"]  # noqa: Y015
+    _WhichOneofArgType__count: _TypeAlias = _typing.Literal["_count", b"_count"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__count) -> _WhichOneofReturnType__count | None: ...
+
+Global___InjectSlowOnliningRequest: _TypeAlias = InjectSlowOnliningRequest  # noqa: Y015
+
+@_typing.final
+class InjectResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InjectResponse: _TypeAlias = InjectResponse  # noqa: Y015
+
+@_typing.final
+class DumpRequest(_message.Message):
+    """A PFN walk like makedumpfile's: reads every page of the online sections except
+    PageOffline ones (and free ones with skip_free).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SKIP_FREE_FIELD_NUMBER: _builtins.int
+    HOST_TRUTH_FIELD_NUMBER: _builtins.int
+    HOST_BACKED_FIELD_NUMBER: _builtins.int
+    skip_free: _builtins.bool
+    host_truth: _builtins.bool
+    """Report the pages the walk reads that the host does not back (host_backed, as in
+    GetMemoryRequest); without it nothing is reported as unbacked.
+    """
+    @_builtins.property
+    def host_backed(self) -> _containers.RepeatedCompositeFieldContainer[Global___PfnRange]: ...
+    def __init__(
+        self,
+        *,
+        skip_free: _builtins.bool = ...,
+        host_truth: _builtins.bool = ...,
+        host_backed: _abc.Iterable[Global___PfnRange] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host_backed", b"host_backed", "host_truth", b"host_truth", "skip_free", b"skip_free"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DumpRequest: _TypeAlias = DumpRequest  # noqa: Y015
+
+@_typing.final
+class DumpResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGES_READ_FIELD_NUMBER: _builtins.int
+    PAGES_SKIPPED_OFFLINE_FIELD_NUMBER: _builtins.int
+    PAGES_SKIPPED_FREE_FIELD_NUMBER: _builtins.int
+    UNBACKED_READ_FIELD_NUMBER: _builtins.int
+    pages_read: _builtins.int
+    pages_skipped_offline: _builtins.int
+    pages_skipped_free: _builtins.int
+    @_builtins.property
+    def unbacked_read(self) -> _containers.RepeatedCompositeFieldContainer[Global___PfnRange]:
+        """Pages the walk read although the host does not back them."""
+
+    def __init__(
+        self,
+        *,
+        pages_read: _builtins.int = ...,
+        pages_skipped_offline: _builtins.int = ...,
+        pages_skipped_free: _builtins.int = ...,
+        unbacked_read: _abc.Iterable[Global___PfnRange] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pages_read", b"pages_read", "pages_skipped_free", b"pages_skipped_free", "pages_skipped_offline", b"pages_skipped_offline", "unbacked_read", b"unbacked_read"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DumpResponse: _TypeAlias = DumpResponse  # noqa: Y015

@@ -138,3 +138,299 @@ class GuestIntrospection:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class GuestControlStub:
+    """Served by the guest agent next to GuestIntrospection. Errors: INVALID_ARGUMENT for a
+    bad argument, else the errno mapping of SetBlockState; the status message is the
+    guest's own error text.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Allocate = channel.unary_unary(
+                '/memhp.v1.GuestControl/Allocate',
+                request_serializer=memhp_dot_v1_dot_guest__pb2.AllocateRequest.SerializeToString,
+                response_deserializer=memhp_dot_v1_dot_guest__pb2.AllocateResponse.FromString,
+                _registered_method=True)
+        self.AllocateInWindow = channel.unary_unary(
+                '/memhp.v1.GuestControl/AllocateInWindow',
+                request_serializer=memhp_dot_v1_dot_guest__pb2.AllocateInWindowRequest.SerializeToString,
+                response_deserializer=memhp_dot_v1_dot_guest__pb2.AllocateInWindowResponse.FromString,
+                _registered_method=True)
+        self.Free = channel.unary_unary(
+                '/memhp.v1.GuestControl/Free',
+                request_serializer=memhp_dot_v1_dot_guest__pb2.FreeRequest.SerializeToString,
+                response_deserializer=memhp_dot_v1_dot_guest__pb2.FreeResponse.FromString,
+                _registered_method=True)
+        self.InjectNotifierError = channel.unary_unary(
+                '/memhp.v1.GuestControl/InjectNotifierError',
+                request_serializer=memhp_dot_v1_dot_guest__pb2.InjectNotifierErrorRequest.SerializeToString,
+                response_deserializer=memhp_dot_v1_dot_guest__pb2.InjectResponse.FromString,
+                _registered_method=True)
+        self.InjectSlowOnlining = channel.unary_unary(
+                '/memhp.v1.GuestControl/InjectSlowOnlining',
+                request_serializer=memhp_dot_v1_dot_guest__pb2.InjectSlowOnliningRequest.SerializeToString,
+                response_deserializer=memhp_dot_v1_dot_guest__pb2.InjectResponse.FromString,
+                _registered_method=True)
+        self.Dump = channel.unary_unary(
+                '/memhp.v1.GuestControl/Dump',
+                request_serializer=memhp_dot_v1_dot_guest__pb2.DumpRequest.SerializeToString,
+                response_deserializer=memhp_dot_v1_dot_guest__pb2.DumpResponse.FromString,
+                _registered_method=True)
+
+
+class GuestControlServicer:
+    """Served by the guest agent next to GuestIntrospection. Errors: INVALID_ARGUMENT for a
+    bad argument, else the errno mapping of SetBlockState; the status message is the
+    guest's own error text.
+    """
+
+    def Allocate(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AllocateInWindow(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Free(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def InjectNotifierError(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def InjectSlowOnlining(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Dump(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_GuestControlServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Allocate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Allocate,
+                    request_deserializer=memhp_dot_v1_dot_guest__pb2.AllocateRequest.FromString,
+                    response_serializer=memhp_dot_v1_dot_guest__pb2.AllocateResponse.SerializeToString,
+            ),
+            'AllocateInWindow': grpc.unary_unary_rpc_method_handler(
+                    servicer.AllocateInWindow,
+                    request_deserializer=memhp_dot_v1_dot_guest__pb2.AllocateInWindowRequest.FromString,
+                    response_serializer=memhp_dot_v1_dot_guest__pb2.AllocateInWindowResponse.SerializeToString,
+            ),
+            'Free': grpc.unary_unary_rpc_method_handler(
+                    servicer.Free,
+                    request_deserializer=memhp_dot_v1_dot_guest__pb2.FreeRequest.FromString,
+                    response_serializer=memhp_dot_v1_dot_guest__pb2.FreeResponse.SerializeToString,
+            ),
+            'InjectNotifierError': grpc.unary_unary_rpc_method_handler(
+                    servicer.InjectNotifierError,
+                    request_deserializer=memhp_dot_v1_dot_guest__pb2.InjectNotifierErrorRequest.FromString,
+                    response_serializer=memhp_dot_v1_dot_guest__pb2.InjectResponse.SerializeToString,
+            ),
+            'InjectSlowOnlining': grpc.unary_unary_rpc_method_handler(
+                    servicer.InjectSlowOnlining,
+                    request_deserializer=memhp_dot_v1_dot_guest__pb2.InjectSlowOnliningRequest.FromString,
+                    response_serializer=memhp_dot_v1_dot_guest__pb2.InjectResponse.SerializeToString,
+            ),
+            'Dump': grpc.unary_unary_rpc_method_handler(
+                    servicer.Dump,
+                    request_deserializer=memhp_dot_v1_dot_guest__pb2.DumpRequest.FromString,
+                    response_serializer=memhp_dot_v1_dot_guest__pb2.DumpResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'memhp.v1.GuestControl', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('memhp.v1.GuestControl', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class GuestControl:
+    """Served by the guest agent next to GuestIntrospection. Errors: INVALID_ARGUMENT for a
+    bad argument, else the errno mapping of SetBlockState; the status message is the
+    guest's own error text.
+    """
+
+    @staticmethod
+    def Allocate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memhp.v1.GuestControl/Allocate',
+            memhp_dot_v1_dot_guest__pb2.AllocateRequest.SerializeToString,
+            memhp_dot_v1_dot_guest__pb2.AllocateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AllocateInWindow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memhp.v1.GuestControl/AllocateInWindow',
+            memhp_dot_v1_dot_guest__pb2.AllocateInWindowRequest.SerializeToString,
+            memhp_dot_v1_dot_guest__pb2.AllocateInWindowResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Free(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memhp.v1.GuestControl/Free',
+            memhp_dot_v1_dot_guest__pb2.FreeRequest.SerializeToString,
+            memhp_dot_v1_dot_guest__pb2.FreeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InjectNotifierError(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memhp.v1.GuestControl/InjectNotifierError',
+            memhp_dot_v1_dot_guest__pb2.InjectNotifierErrorRequest.SerializeToString,
+            memhp_dot_v1_dot_guest__pb2.InjectResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InjectSlowOnlining(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memhp.v1.GuestControl/InjectSlowOnlining',
+            memhp_dot_v1_dot_guest__pb2.InjectSlowOnliningRequest.SerializeToString,
+            memhp_dot_v1_dot_guest__pb2.InjectResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Dump(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memhp.v1.GuestControl/Dump',
+            memhp_dot_v1_dot_guest__pb2.DumpRequest.SerializeToString,
+            memhp_dot_v1_dot_guest__pb2.DumpResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -59,3 +59,85 @@ class GuestIntrospectionServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_guest_pb2.MemoryBlock, _abc.Awaitable[_guest_pb2.MemoryBlock]]: ...
 
 def add_GuestIntrospectionServicer_to_server(servicer: GuestIntrospectionServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class GuestControlStub:
+    """Served by the guest agent next to GuestIntrospection. Errors: INVALID_ARGUMENT for a
+    bad argument, else the errno mapping of SetBlockState; the status message is the
+    guest's own error text.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> GuestControlAsyncStub: ...
+    Allocate: _grpc.UnaryUnaryMultiCallable[_guest_pb2.AllocateRequest, _guest_pb2.AllocateResponse]
+    AllocateInWindow: _grpc.UnaryUnaryMultiCallable[_guest_pb2.AllocateInWindowRequest, _guest_pb2.AllocateInWindowResponse]
+    Free: _grpc.UnaryUnaryMultiCallable[_guest_pb2.FreeRequest, _guest_pb2.FreeResponse]
+    InjectNotifierError: _grpc.UnaryUnaryMultiCallable[_guest_pb2.InjectNotifierErrorRequest, _guest_pb2.InjectResponse]
+    InjectSlowOnlining: _grpc.UnaryUnaryMultiCallable[_guest_pb2.InjectSlowOnliningRequest, _guest_pb2.InjectResponse]
+    Dump: _grpc.UnaryUnaryMultiCallable[_guest_pb2.DumpRequest, _guest_pb2.DumpResponse]
+
+@_typing.type_check_only
+class GuestControlAsyncStub(GuestControlStub):
+    """Served by the guest agent next to GuestIntrospection. Errors: INVALID_ARGUMENT for a
+    bad argument, else the errno mapping of SetBlockState; the status message is the
+    guest's own error text.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    Allocate: _aio.UnaryUnaryMultiCallable[_guest_pb2.AllocateRequest, _guest_pb2.AllocateResponse]  # type: ignore[assignment]
+    AllocateInWindow: _aio.UnaryUnaryMultiCallable[_guest_pb2.AllocateInWindowRequest, _guest_pb2.AllocateInWindowResponse]  # type: ignore[assignment]
+    Free: _aio.UnaryUnaryMultiCallable[_guest_pb2.FreeRequest, _guest_pb2.FreeResponse]  # type: ignore[assignment]
+    InjectNotifierError: _aio.UnaryUnaryMultiCallable[_guest_pb2.InjectNotifierErrorRequest, _guest_pb2.InjectResponse]  # type: ignore[assignment]
+    InjectSlowOnlining: _aio.UnaryUnaryMultiCallable[_guest_pb2.InjectSlowOnliningRequest, _guest_pb2.InjectResponse]  # type: ignore[assignment]
+    Dump: _aio.UnaryUnaryMultiCallable[_guest_pb2.DumpRequest, _guest_pb2.DumpResponse]  # type: ignore[assignment]
+
+class GuestControlServicer(metaclass=_abc_1.ABCMeta):
+    """Served by the guest agent next to GuestIntrospection. Errors: INVALID_ARGUMENT for a
+    bad argument, else the errno mapping of SetBlockState; the status message is the
+    guest's own error text.
+    """
+
+    @_abc_1.abstractmethod
+    def Allocate(
+        self,
+        request: _guest_pb2.AllocateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_guest_pb2.AllocateResponse, _abc.Awaitable[_guest_pb2.AllocateResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def AllocateInWindow(
+        self,
+        request: _guest_pb2.AllocateInWindowRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_guest_pb2.AllocateInWindowResponse, _abc.Awaitable[_guest_pb2.AllocateInWindowResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Free(
+        self,
+        request: _guest_pb2.FreeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_guest_pb2.FreeResponse, _abc.Awaitable[_guest_pb2.FreeResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def InjectNotifierError(
+        self,
+        request: _guest_pb2.InjectNotifierErrorRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_guest_pb2.InjectResponse, _abc.Awaitable[_guest_pb2.InjectResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def InjectSlowOnlining(
+        self,
+        request: _guest_pb2.InjectSlowOnliningRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_guest_pb2.InjectResponse, _abc.Awaitable[_guest_pb2.InjectResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Dump(
+        self,
+        request: _guest_pb2.DumpRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_guest_pb2.DumpResponse, _abc.Awaitable[_guest_pb2.DumpResponse]]: ...
+
+def add_GuestControlServicer_to_server(servicer: GuestControlServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -428,7 +428,7 @@ def test_expected_violation_and_a_failing_expect() -> None:
         ),
         (
             "  - online: {vm: g, block: 99}",
-            ["step 1 (online, line 4)", "no memory block 99", "-EINVAL"],
+            ["step 1 (online, line 4)", "memory99/state: no such memory block", "-ENOENT"],
         ),
         (
             "  - online: {vm: g, block: 3}",
@@ -467,7 +467,7 @@ def test_step_failed_after_good_steps_names_its_own_line() -> None:
         ),
         (
             ["  - offline: {vm: g, block: 99, expect_error: -EBUSY}"],
-            "expected error -EBUSY, got -EINVAL",
+            "expected error -EBUSY, got -ENOENT",
         ),
         (
             [
