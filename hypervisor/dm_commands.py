@@ -11,7 +11,7 @@ from __future__ import annotations
 from hypervisor.errors import HostCommandError
 from hypervisor.ground_truth import GroundTruth, HotAddRegion
 from hypervisor.vm import MAX_GUEST_PAGES
-from memhp.dm import MAX_PAGE_CNT, CapabilitiesReport
+from memhp.dm import MAX_PAGE_CNT, CapabilitiesReport, compute_balloon_floor
 
 
 def check_pages(field: str, value: object, minimum: int, maximum: int | None = None) -> None:
@@ -143,6 +143,23 @@ def check_balloon(caps: CapabilitiesReport | None, current_pages: int, pages: in
         raise HostCommandError(
             "pages",
             f"{pages} exceeds the guest's current {current_pages} pages",
+            "failed_precondition",
+        )
+    check_above_floor("pages", current_pages, current_pages - pages)
+
+
+def check_above_floor(field: str, current_pages: int, target_pages: int) -> None:
+    """A guest never balloons below its floor (hv_balloon's ``compute_balloon_floor``).
+
+    The floor is computed from the guest's current size, as the guest computes it from
+    its total RAM: asking for less can only be partly fulfilled, so it is refused.
+    """
+    floor = compute_balloon_floor(current_pages)
+    if target_pages < floor:
+        raise HostCommandError(
+            field,
+            f"would leave {target_pages} pages, below the guest's balloon floor of {floor} "
+            f"pages (Linux hv_balloon keeps at least that much of {current_pages})",
             "failed_precondition",
         )
 

@@ -22,6 +22,7 @@ from typing import Any, Final
 
 from extents import RangeSet
 from hypervisor.dm_commands import (
+    check_above_floor,
     check_back,
     check_balloon,
     check_new_region,
@@ -308,6 +309,8 @@ class DmHostSession:
     def set_target(self, pages: int, now: float) -> list[DmMessage]:
         """Aim the guest at ``pages``: unballoon then hot-add, or balloon (QEMU §3.2)."""
         check_pages("pages", pages, 0, self.config.max_pages)
+        if pages < self.current_pages:
+            check_above_floor("pages", self.current_pages, pages)
         # QEMU keeps one target: a newer one replaces any older one not yet done.
         for old in [c for c in self._queue if c.name == "set_target"]:
             self._queue.remove(old)

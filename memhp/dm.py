@@ -59,6 +59,24 @@ UNBALLOON_RANGE_MAX_PAGES = 524_288
 INFO_TYPE_MAX_PAGE_CNT = 0
 
 
+def mb2pages(mb: int) -> int:
+    return mb << 8
+
+
+def compute_balloon_floor(totalram_pages: int) -> int:
+    """``compute_balloon_floor``: the memory the balloon never takes."""
+    n = totalram_pages
+    if n < mb2pages(128):
+        return mb2pages(8) + (n >> 1)
+    if n < mb2pages(512):
+        return mb2pages(40) + (n >> 2)
+    if n < mb2pages(2048):
+        return mb2pages(104) + (n >> 3)
+    if n < mb2pages(8192):
+        return mb2pages(232) + (n >> 4)
+    return mb2pages(488) + (n >> 5)
+
+
 class ProtocolError(Exception):
     """A message that breaks the DM protocol (its shape, its order or its content)."""
 

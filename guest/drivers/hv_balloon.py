@@ -66,6 +66,7 @@ from memhp.dm import (
     UnballoonResponse,
     VersionRequest,
     VersionResponse,
+    compute_balloon_floor,
     split_ranges,
 )
 
@@ -101,24 +102,6 @@ def _left_by_memmap_init(state: PageState) -> bool:
 
 def _not_page_offline(state: PageState) -> bool:
     return state.kind != PAGE_OFFLINE
-
-
-def mb2pages(mb: int) -> int:
-    return mb << 8
-
-
-def compute_balloon_floor(totalram_pages: int) -> int:
-    """``compute_balloon_floor``: the memory the balloon never takes."""
-    n = totalram_pages
-    if n < mb2pages(128):
-        return mb2pages(8) + (n >> 1)
-    if n < mb2pages(512):
-        return mb2pages(40) + (n >> 2)
-    if n < mb2pages(2048):
-        return mb2pages(104) + (n >> 3)
-    if n < mb2pages(8192):
-        return mb2pages(232) + (n >> 4)
-    return mb2pages(488) + (n >> 5)
 
 
 def align_up(value: int, alignment: int) -> int:

@@ -20,7 +20,6 @@ from guest.drivers.hv_balloon import (
     DM_INITIALIZED,
     DRIVER,
     HvBalloon,
-    compute_balloon_floor,
 )
 from guest.invariants import check_guest
 from guest.kernel import Scheduler
@@ -52,6 +51,7 @@ from memhp.dm import (
     UnballoonResponse,
     VersionRequest,
     VersionResponse,
+    compute_balloon_floor,
 )
 
 M = TypeVar("M", bound=DmMessage)

@@ -27,6 +27,7 @@ from memhp.dm import (
     UnballoonResponse,
     VersionRequest,
     VersionResponse,
+    compute_balloon_floor,
 )
 from tests.hypervisor.helpers import (
     BLOCK,
@@ -245,16 +246,18 @@ def test_set_target_hot_add_chunk_is_the_alignment_when_larger(alignment: int, c
 
 
 def test_set_target_balloons_down_in_capped_requests() -> None:
-    boot = 40 * BLOCK
+    boot = 48 * BLOCK  # 6 GiB: down to the floor is between two and three requests
+    floor = compute_balloon_floor(boot)
     s = ready(boot=boot, max_pages=boot)
-    (req,) = s.set_target(0, 0.0)
+    (req,) = s.set_target(floor, 0.0)
     assert req == BalloonRequest(trans_id=0, num_pages=HV_BALLOON_HR_CHUNK_PAGES)
     # more_pages: the guest answers in two messages
     assert balloon_reply(s, (0, 300_000), more=True) == []
     (req2,) = balloon_reply(s, (300_000, HV_BALLOON_HR_CHUNK_PAGES - 300_000))
     assert req2 == BalloonRequest(trans_id=1, num_pages=HV_BALLOON_HR_CHUNK_PAGES)
     (req3,) = balloon_reply(s, (HV_BALLOON_HR_CHUNK_PAGES, HV_BALLOON_HR_CHUNK_PAGES))
-    rest = boot - 2 * HV_BALLOON_HR_CHUNK_PAGES
+    rest = boot - floor - 2 * HV_BALLOON_HR_CHUNK_PAGES
+    assert 0 < rest < HV_BALLOON_HR_CHUNK_PAGES
     assert req3 == BalloonRequest(trans_id=2, num_pages=rest)
     # Partly fulfilled: the host asks again for the remainder (QEMU loops on balloon_diff).
     (req4,) = balloon_reply(s, (2 * HV_BALLOON_HR_CHUNK_PAGES, 1000))
@@ -270,7 +273,7 @@ def test_set_target_balloons_down_in_capped_requests() -> None:
 def test_newer_target_replaces_the_running_one_at_the_next_boundary() -> None:
     boot = 40 * BLOCK
     s = ready(boot=boot, max_pages=boot)
-    s.set_target(0, 0.0)
+    s.set_target(compute_balloon_floor(boot), 0.0)
     assert s.set_target(boot - 1000, 0.0) == []
     (req,) = balloon_reply(s, (0, 400))
     assert req == BalloonRequest(trans_id=1, num_pages=600)
@@ -797,3 +800,20 @@ def test_events_cover_each_transaction() -> None:
     ]:
         assert kind in kinds
     assert all(e.data["vm_id"] == "vm0" for e in s.events)
+
+
+def test_target_below_the_balloon_floor_is_refused() -> None:
+    boot = 40 * BLOCK  # 5 GiB: floor 232 MiB + 5 GiB / 16 = 552 MiB
+    s = ready(boot=boot, max_pages=boot)
+    floor = compute_balloon_floor(boot)
+    assert floor == (232 + 320) * 256
+    before = (s.state, s.target_pages, s.current_pages)
+    with pytest.raises(HostCommandError) as err:
+        s.set_target(floor - 1, 0.0)
+    assert err.value.field == "pages" and err.value.code == "failed_precondition"
+    assert "balloon floor" in err.value.message
+    with pytest.raises(HostCommandError) as err:
+        s.balloon(boot - floor + 1, 0.0)
+    assert err.value.code == "failed_precondition"
+    assert (s.state, s.target_pages, s.current_pages) == before
+    assert s.set_target(floor, 0.0) != []  # the floor itself is fine
