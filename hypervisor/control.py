@@ -115,8 +115,12 @@ def ranges_to_pb(ranges: Iterable[tuple[int, int]]) -> list[dm_pb2.PageRange]:
     return out
 
 
-def vm_to_pb(handle: VmHandle) -> control_pb2.Vm:
-    """The ``Vm`` message (control.proto documents every field)."""
+def vm_to_pb(handle: VmHandle, *, full: bool = True) -> control_pb2.Vm:
+    """The ``Vm`` message (control.proto documents every field).
+
+    ``full=False`` is the summary that commands and ListVms answer with: no regions and
+    no page ranges, so its cost does not grow with the VM (GetVm gives everything).
+    """
     cfg, s = handle.config, handle.session
     vm = control_pb2.Vm(
         spec=control_pb2.VmSpec(
@@ -137,14 +141,15 @@ def vm_to_pb(handle: VmHandle) -> control_pb2.Vm:
         hot_add_disabled=s.hot_add_disabled,
         queued_commands=len(s.queued),
         busy=s.busy,
-        backed=ranges_to_pb(s.backed.ranges()),
-        ballooned=ranges_to_pb(s.ballooned.ranges()),
         requested_set=s.target_pages is not None,
         frames_received=handle.frames_received,
         frames_sent=handle.frames_sent,
         violation_events=handle.violation_events,
     )
-    for region in s.regions:
+    if full:
+        vm.backed.extend(ranges_to_pb(s.backed.ranges()))
+        vm.ballooned.extend(ranges_to_pb(s.ballooned.ranges()))
+    for region in s.regions if full else ():
         vm.regions.add(
             start_page=region.start,
             page_count=region.size,
@@ -201,7 +206,9 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
     async def ListVms(
         self, request: control_pb2.ListVmsRequest, context: Context
     ) -> control_pb2.ListVmsResponse:
-        return control_pb2.ListVmsResponse(vms=[vm_to_pb(h) for h in self.hv.vms.values()])
+        return control_pb2.ListVmsResponse(
+            vms=[vm_to_pb(h, full=False) for h in self.hv.vms.values()]
+        )
 
     async def GetVm(self, request: control_pb2.GetVmRequest, context: Context) -> control_pb2.Vm:
         try:
@@ -224,7 +231,7 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
             await _abort(context, _host_error(err, fields))
         except ServiceError as err:
             await _abort(context, err)
-        return vm_to_pb(handle)
+        return vm_to_pb(handle, full=False)
 
     async def SetTarget(
         self, request: control_pb2.SetTargetRequest, context: Context

@@ -8,6 +8,7 @@ pages are discarded (unbacked) until they are unballooned. Everything is extents
 
 from __future__ import annotations
 
+from bisect import bisect_right, insort
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -107,13 +108,19 @@ class GroundTruth:
         #: The address windows of all regions (for telling "unbacked" from "not RAM").
         self.windows = RangeSet()
         self.regions: list[HotAddRegion] = []
+        # Running totals and an index, so that placing or finding a region does not
+        # walk every region (a guest grown to 1 TiB in 128 MiB steps has 8,160).
+        self._regions_size = 0
+        self._regions_end = 0
+        self._starts: list[int] = []
+        self._by_start: dict[int, HotAddRegion] = {}
 
     # -- reading ---------------------------------------------------------------
 
     @property
     def reserved_pages(self) -> int:
         """Boot memory plus every region's size: what counts against ``max_pages``."""
-        return self.config.boot_pages + sum(r.size for r in self.regions)
+        return self.config.boot_pages + self._regions_size
 
     @property
     def current_pages(self) -> int:
@@ -121,14 +128,16 @@ class GroundTruth:
         return len(self.ram) - len(self.ballooned)
 
     def next_region_start(self, align: int) -> int:
-        end = max((r.end for r in self.regions), default=self.config.boot_pages)
-        return align_up(max(end, self.config.boot_pages), align)
+        return align_up(max(self._regions_end, self.config.boot_pages), align)
 
     def region_at(self, pfn: int) -> HotAddRegion | None:
-        for region in self.regions:
-            if region.start <= pfn < region.end:
-                return region
-        return None
+        # Region windows never overlap (place_region's callers check), so the region
+        # with the last start at or below pfn is the only candidate.
+        i = bisect_right(self._starts, pfn) - 1
+        if i < 0:
+            return None
+        region = self._by_start[self._starts[i]]
+        return region if pfn < region.end else None
 
     def classify_balloon(self, start: int, end: int) -> Iterator[tuple[BalloonPiece, int, int]]:
         """Split ``[start, end)`` into pieces by what the host knows of them, ascending."""
@@ -171,6 +180,10 @@ class GroundTruth:
         region = HotAddRegion(start, size)
         self.regions.append(region)
         self.windows.add(start, start + size)
+        self._regions_size += size
+        self._regions_end = max(self._regions_end, start + size)
+        insort(self._starts, start)
+        self._by_start[start] = region
         return region
 
     def back(self, region: HotAddRegion, start: int, end: int) -> None:

@@ -23,7 +23,8 @@ notifier pulls the unbacked pages back: racy by construction).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Iterator
+from bisect import bisect_right
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from guest.kernel import Command, Scheduler, Sleep, Task, Wait, Work
@@ -198,6 +199,10 @@ class HvBalloon:
         self.strategy = strategy
         self.ha_pages_in_chunk = mm.geometry.block_pages
         self.ha_regions: list[HvHotaddState] = []
+        # An index over the regions by start; valid while no two regions overlap.
+        self._region_starts: list[int] = []
+        self._region_index: dict[int, HvHotaddState] = {}
+        self._regions_overlap = False
         self.counters = HvBalloonCounters()
         self.state = DM_INITIALIZING
         self.do_hot_add = hot_add
@@ -442,7 +447,7 @@ class HvBalloon:
             if covered:
                 return (yield from self._handle_pg_range(pg_start, pfn_cnt))
         if rg_sz != 0:
-            self.ha_regions.append(
+            self._add_region(
                 HvHotaddState(
                     start_pfn=rg_start,
                     end_pfn=rg_start + rg_sz,
@@ -453,11 +458,40 @@ class HvBalloon:
             )
         return (yield from self._handle_pg_range(pg_start, pfn_cnt))
 
+    def _add_region(self, has: HvHotaddState) -> None:
+        """``list_add_tail(&ha_region->list, &dm_device.ha_region_list)``, plus an index."""
+        self.ha_regions.append(has)
+        i = bisect_right(self._region_starts, has.start_pfn)
+        prev_end = self._region_index[self._region_starts[i - 1]].end_pfn if i else 0
+        next_start = self._region_starts[i] if i < len(self._region_starts) else None
+        if has.start_pfn < prev_end or (next_start is not None and has.end_pfn > next_start):
+            self._regions_overlap = True
+        if has.start_pfn in self._region_index:
+            self._regions_overlap = True
+        else:
+            self._region_starts.insert(i, has.start_pfn)
+            self._region_index[has.start_pfn] = has
+
     def _find_region(self, pfn: int) -> HvHotaddState | None:
-        for has in self.ha_regions:
-            if has.start_pfn <= pfn < has.end_pfn:
-                return has
-        return None
+        """The first region in list order that holds ``pfn`` (Linux walks the list).
+
+        While regions do not overlap at most one can hold it, so a binary search over
+        their starts gives the same answer without the walk.
+        """
+        if self._regions_overlap:
+            return next((h for h in self.ha_regions if h.start_pfn <= pfn < h.end_pfn), None)
+        i = bisect_right(self._region_starts, pfn) - 1
+        if i < 0:
+            return None
+        has = self._region_index[self._region_starts[i]]
+        return has if pfn < has.end_pfn else None
+
+    def _next_region_start(self, pfn: int, default: int) -> int:
+        """The lowest region start above ``pfn`` (``default`` if none)."""
+        if self._regions_overlap:
+            return min((h.start_pfn for h in self.ha_regions if h.start_pfn > pfn), default=default)
+        i = bisect_right(self._region_starts, pfn)
+        return self._region_starts[i] if i < len(self._region_starts) else default
 
     def _pfn_covered(self, start_pfn: int, pfn_cnt: int) -> bool:
         has = self._find_region(start_pfn)
@@ -473,6 +507,9 @@ class HvBalloon:
         if start_pfn + pfn_cnt > has.end_pfn:
             residual = start_pfn + pfn_cnt - has.end_pfn
             has.end_pfn += align_up(residual, self.ha_pages_in_chunk)
+            i = bisect_right(self._region_starts, has.start_pfn)
+            if i < len(self._region_starts) and has.end_pfn > self._region_starts[i]:
+                self._regions_overlap = True
         return True
 
     def _handle_pg_range(self, start_pfn: int, pfn_cnt: int) -> Generator_int:
@@ -602,11 +639,10 @@ class HvBalloon:
         end = start_pfn + nr_pages
         pos = start_pfn
         while pos < end:
-            has = next((h for h in self.ha_regions if h.start_pfn <= pos < h.end_pfn), None)
+            has = self._find_region(pos)
             if has is None:
                 # Not ours: up to the next region start (chunks never straddle one).
-                nxt = min((h.start_pfn for h in self.ha_regions if h.start_pfn > pos), default=end)
-                stop = min(end, nxt)
+                stop = min(end, self._next_region_start(pos, end))
                 self.mm.generic_online_pages(pos, stop)
             else:
                 stop = min(end, has.end_pfn)
@@ -668,7 +704,14 @@ class HvBalloon:
         return NOTIFY_OK
 
     def _regions_in(self, start: int, end: int) -> Iterator[tuple[HvHotaddState, int, int]]:
-        for has in self.ha_regions:
+        """Regions overlapping ``[start, end)``, each with the overlap, in list order."""
+        if self._regions_overlap:
+            candidates: Iterable[HvHotaddState] = self.ha_regions
+        else:
+            i = max(bisect_right(self._region_starts, start) - 1, 0)
+            j = bisect_right(self._region_starts, end - 1)
+            candidates = [self._region_index[st] for st in self._region_starts[i:j]]
+        for has in candidates:
             lo, hi = max(start, has.start_pfn), min(end, has.end_pfn)
             if lo < hi:
                 yield has, lo, hi

@@ -26,7 +26,10 @@ if _version_not_supported:
 
 
 class ControlStub:
-    """Missing associated documentation comment in .proto file."""
+    """CreateVm, the commands (SetTarget ... SetPolicy) and ListVms answer with the VM's
+    summary: every field but regions, backed and ballooned, so their cost does not grow
+    with the VM. GetVm answers with everything.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -87,7 +90,10 @@ class ControlStub:
 
 
 class ControlServicer:
-    """Missing associated documentation comment in .proto file."""
+    """CreateVm, the commands (SetTarget ... SetPolicy) and ListVms answer with the VM's
+    summary: every field but regions, backed and ballooned, so their cost does not grow
+    with the VM. GetVm answers with everything.
+    """
 
     def CreateVm(self, request, context):
         """Missing associated documentation comment in .proto file."""
@@ -211,7 +217,10 @@ def add_ControlServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Control:
-    """Missing associated documentation comment in .proto file."""
+    """CreateVm, the commands (SetTarget ... SetPolicy) and ListVms answer with the VM's
+    summary: every field but regions, backed and ballooned, so their cost does not grow
+    with the VM. GetVm answers with everything.
+    """
 
     @staticmethod
     def CreateVm(request,

@@ -33,6 +33,11 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class ControlStub:
+    """CreateVm, the commands (SetTarget ... SetPolicy) and ListVms answer with the VM's
+    summary: every field but regions, backed and ballooned, so their cost does not grow
+    with the VM. GetVm answers with everything.
+    """
+
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
@@ -50,6 +55,11 @@ class ControlStub:
 
 @_typing.type_check_only
 class ControlAsyncStub(ControlStub):
+    """CreateVm, the commands (SetTarget ... SetPolicy) and ListVms answer with the VM's
+    summary: every field but regions, backed and ballooned, so their cost does not grow
+    with the VM. GetVm answers with everything.
+    """
+
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateVm: _aio.UnaryUnaryMultiCallable[_control_pb2.CreateVmRequest, _control_pb2.Vm]  # type: ignore[assignment]
     ListVms: _aio.UnaryUnaryMultiCallable[_control_pb2.ListVmsRequest, _control_pb2.ListVmsResponse]  # type: ignore[assignment]
@@ -63,6 +73,11 @@ class ControlAsyncStub(ControlStub):
     WatchEvents: _aio.UnaryStreamMultiCallable[_control_pb2.WatchEventsRequest, _control_pb2.Event]  # type: ignore[assignment]
 
 class ControlServicer(metaclass=_abc_1.ABCMeta):
+    """CreateVm, the commands (SetTarget ... SetPolicy) and ListVms answer with the VM's
+    summary: every field but regions, backed and ballooned, so their cost does not grow
+    with the VM. GetVm answers with everything.
+    """
+
     @_abc_1.abstractmethod
     def CreateVm(
         self,
