@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import random
 import resource
 import sys
 import time
 from typing import Any
+
+from machine import describe
 
 from memhp.scenario.runner import ScenarioRunner
 from memhp.scenario.spec import parse_scenario
@@ -58,14 +58,7 @@ def scenario_text(steps: list[str]) -> str:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    cores = len(os.sched_getaffinity(0))
-    return f"{cpu}, {cores} cores, CPython {platform.python_version()}"
+    return describe()
 
 
 def run(churn_ops: int, seed: int) -> dict[str, Any]:

@@ -50,7 +50,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -63,6 +62,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import Message
 from loadgen import COMMITTED_BASE
+from machine import describe
 
 from memhp.procs import Child, ChildFailed, memhp_command, start_child
 from memhp.v1 import control_pb2, control_pb2_grpc, dm_pb2, dm_pb2_grpc, guest_pb2, guest_pb2_grpc
@@ -123,14 +123,7 @@ class BenchError(Exception):
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    cores = len(os.sched_getaffinity(0))
-    return f"{cpu}, {cores} cores, CPython {platform.python_version()}, grpcio {grpc.__version__}"
+    return describe() + f", grpcio {grpc.__version__}"
 
 
 def code_version() -> str:
