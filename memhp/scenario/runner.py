@@ -291,9 +291,6 @@ class ScenarioRunner:
         except ValueError as err:
             raise StepFailed(f"{step.label}: {err}") from None
 
-    def _host_call(self, node: Node, messages: list[Any]) -> None:
-        self._deliver(node, messages)
-
     def _step_hot_add(self, node: Node, a: dict[str, Any]) -> Any:
         msgs = node.host.hot_add(
             a["region"] >> PAGE_SHIFT,
@@ -302,7 +299,7 @@ class ScenarioRunner:
             offset_pages=a.get("offset", 0) >> PAGE_SHIFT,
             with_region=a.get("form", "region") == "region",
         )
-        self._host_call(node, msgs)
+        self._deliver(node, msgs)
         return None
 
     def _step_back(self, node: Node, a: dict[str, Any]) -> Any:
@@ -318,17 +315,17 @@ class ScenarioRunner:
                 raise StepFailed(f"back.region: no region {region_index}") from None
             start_page = region.start + (a["offset"] >> PAGE_SHIFT)
         msgs = node.host.back(a["size"] >> PAGE_SHIFT, self.now, start_page=start_page)
-        self._host_call(node, msgs)
+        self._deliver(node, msgs)
         return None
 
     def _step_set_target(self, node: Node, a: dict[str, Any]) -> Any:
-        self._host_call(node, node.host.set_target(a["size"] >> PAGE_SHIFT, self.now))
+        self._deliver(node, node.host.set_target(a["size"] >> PAGE_SHIFT, self.now))
 
     def _step_balloon(self, node: Node, a: dict[str, Any]) -> Any:
-        self._host_call(node, node.host.balloon(a["size"] >> PAGE_SHIFT, self.now))
+        self._deliver(node, node.host.balloon(a["size"] >> PAGE_SHIFT, self.now))
 
     def _step_unballoon(self, node: Node, a: dict[str, Any]) -> Any:
-        self._host_call(node, node.host.unballoon(a["size"] >> PAGE_SHIFT, self.now))
+        self._deliver(node, node.host.unballoon(a["size"] >> PAGE_SHIFT, self.now))
 
     def _sysfs_step(self, a: dict[str, Any], action: Any) -> Any:
         expect_error = a.get("expect_error")
