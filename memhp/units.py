@@ -9,7 +9,6 @@ is parsed once at the edge with :func:`parse_size` and turned into pages with
 from __future__ import annotations
 
 import re
-from typing import NamedTuple
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
@@ -80,10 +79,6 @@ def format_size(size: int) -> str:
     return f"{whole}.{frac}{letter}" if frac else f"{whole}{letter}"
 
 
-def pages_to_str(pages: int) -> str:
-    return format_size(pages << PAGE_SHIFT)
-
-
 def align_down(value: int, alignment: int) -> int:
     return value - value % alignment
 
@@ -94,27 +89,3 @@ def align_up(value: int, alignment: int) -> int:
 
 def is_power_of_two(value: int) -> bool:
     return value > 0 and value & (value - 1) == 0
-
-
-class PfnRange(NamedTuple):
-    """A half-open range of page frame numbers ``[start, end)``."""
-
-    start: int
-    end: int
-
-    @property
-    def pages(self) -> int:
-        return self.end - self.start
-
-    def __contains__(self, pfn: object) -> bool:
-        return isinstance(pfn, int) and self.start <= pfn < self.end
-
-    def overlaps(self, other: PfnRange) -> bool:
-        return self.start < other.end and other.start < self.end
-
-    def intersect(self, other: PfnRange) -> PfnRange | None:
-        start, end = max(self.start, other.start), min(self.end, other.end)
-        return PfnRange(start, end) if start < end else None
-
-    def __str__(self) -> str:
-        return f"[{self.start:#x}, {self.end:#x})"

@@ -70,6 +70,7 @@ from memhp.dm import (
     compute_balloon_floor,
     split_ranges,
 )
+from memhp.units import align_up
 
 #: A task body that returns a value to the task that runs it with ``yield from``.
 Generator_int = Generator[Command, bool | None, int]
@@ -103,10 +104,6 @@ def _left_by_memmap_init(state: PageState) -> bool:
 
 def _not_page_offline(state: PageState) -> bool:
     return state.kind != PAGE_OFFLINE
-
-
-def align_up(value: int, alignment: int) -> int:
-    return -(-value // alignment) * alignment
 
 
 @dataclass

@@ -427,15 +427,15 @@ class MemoryManager:
 
     # -- add / remove ----------------------------------------------------------
 
-    def _lock(self, who: str) -> None:
-        """Check ``mem_hotplug_lock`` is free (the caller then takes it, or only reads)."""
-        if self.hotplug_lock_holder is not None:
-            raise HotplugLockBusy(f"mem_hotplug_lock held by {self.hotplug_lock_holder}")
-
     @contextlib.contextmanager
     def _hotplug_locked(self, who: str) -> Iterator[None]:
-        """``mem_hotplug_begin`` / ``mem_hotplug_done`` around a synchronous operation."""
-        self._lock(who)
+        """``mem_hotplug_begin`` / ``mem_hotplug_done``; HotplugLockBusy if it is held.
+
+        Also spans the yields of :meth:`online_pages_steps`: a suspended onlining keeps
+        the lock, as the kernel's does.
+        """
+        if self.hotplug_lock_holder is not None:
+            raise HotplugLockBusy(f"mem_hotplug_lock held by {self.hotplug_lock_holder}")
         self.hotplug_lock_holder = who
         try:
             yield
@@ -582,14 +582,12 @@ class MemoryManager:
     ) -> Generator[str, None, None]:
         """``memory_block_online`` → ``online_pages``, yielding at the two phases."""
         block = self._offline_block_for_online(block_id, online_type)
-        self._lock(f"online memory{block_id}")
-        zone_name = self.zone_for_pfn_range(online_type, block.start_pfn, block.nr_pages)
-        zone = self.zones[zone_name]
-        start = block.start_pfn + block.nr_vmemmap_pages
-        end = block.end_pfn
-        arg = MemoryNotify(start, end - start)
-        self.hotplug_lock_holder = f"online memory{block_id}"
-        try:
+        with self._hotplug_locked(f"online memory{block_id}"):
+            zone_name = self.zone_for_pfn_range(online_type, block.start_pfn, block.nr_pages)
+            zone = self.zones[zone_name]
+            start = block.start_pfn + block.nr_vmemmap_pages
+            end = block.end_pfn
+            arg = MemoryNotify(start, end - start)
             # move_pfn_range_to_zone(..., MIGRATE_ISOLATE): memmap init, PageOffline, refcount 1.
             block.zone = zone_name
             block.isolated = True
@@ -617,8 +615,6 @@ class MemoryManager:
             self.notifier.call(MEM_ONLINE, arg)
             block.state = STATE_ONLINE
             self.stats.blocks_onlined += 1
-        finally:
-            self.hotplug_lock_holder = None
 
     def _phase(self, block: MemoryBlock, phase: str) -> None:
         for hook in list(self.phase_hooks):
@@ -686,12 +682,8 @@ class MemoryManager:
             raise MemoryHotplugError(EINVAL, f"memory{block_id} is already {block.state}")
         if block.zone is None:
             raise MemoryHotplugError(EINVAL, f"memory{block_id} spans several zones")
-        self._lock(f"offline memory{block_id}")
-        self.hotplug_lock_holder = f"offline memory{block_id}"
-        try:
+        with self._hotplug_locked(f"offline memory{block_id}"):
             self._offline_pages(block)
-        finally:
-            self.hotplug_lock_holder = None
 
     def _offline_pages(self, block: MemoryBlock) -> None:
         """``offline_pages`` with ``mem_hotplug_lock`` held."""

@@ -44,7 +44,7 @@ import grpc
 from google.protobuf import struct_pb2
 
 from extents import RangeSet
-from guest.introspection import write_failure
+from guest.introspection import pfn_ranges, write_failure
 from memhp.logs import get_logger
 from memhp.procs import Child, ChildFailed, memhp_command, start_child
 from memhp.scenario.result import (
@@ -160,10 +160,6 @@ def _plain(value: Any) -> Any:
 
 def _ranges(ranges: Iterable[dm_pb2.PageRange]) -> list[tuple[int, int]]:
     return [(r.start_page, r.start_page + r.page_cnt) for r in ranges]
-
-
-def _pfn_ranges(ranges: Iterable[tuple[int, int]]) -> list[guest_pb2.PfnRange]:
-    return [guest_pb2.PfnRange(start_pfn=s, end_pfn=e) for s, e in ranges]
 
 
 @dataclass
@@ -406,8 +402,8 @@ class ProcessRunner:
                     offered.add(s, e)
             request = guest_pb2.GetMemoryRequest(
                 host_truth=True,
-                host_backed=_pfn_ranges(_ranges(vm.backed)),
-                host_offered=_pfn_ranges(offered.ranges()),
+                host_backed=pfn_ranges(_ranges(vm.backed)),
+                host_offered=pfn_ranges(offered.ranges()),
             )
         memory: guest_pb2.GuestMemory = await self._rpc(
             node.guest.GetMemory(request, timeout=RPC_TIMEOUT)
@@ -613,7 +609,7 @@ class ProcessRunner:
         request = guest_pb2.DumpRequest(
             skip_free=bool(a.get("skip_free")),
             host_truth=True,
-            host_backed=_pfn_ranges(_ranges(vm.backed)),
+            host_backed=pfn_ranges(_ranges(vm.backed)),
         )
         reply = await self._rpc(node.control.Dump(request, timeout=RPC_TIMEOUT))
         unbacked = [(r.start_pfn, r.end_pfn) for r in reply.unbacked_read]
