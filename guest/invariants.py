@@ -29,7 +29,6 @@ Names (stable: scenarios declare expected violations by them):
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 from extents import RangeSet
@@ -53,10 +52,6 @@ class Finding:
     start_pfn: int
     end_pfn: int
     message: str
-
-
-def _uncovered(backed: RangeSet, start: int, end: int) -> Iterator[tuple[int, int]]:
-    yield from backed.holes(start, end)
 
 
 def check_guest(
@@ -90,7 +85,7 @@ def _check_backing(mm: MemoryManager, backed: RangeSet) -> list[Finding]:
     for zone in mm.zones.values():
         for free in (zone.free_area.free, zone.free_area.isolated):
             for s, e in free.ranges():
-                for hs, he in _uncovered(backed, s, e):
+                for hs, he in backed.holes(s, e):
                     out.append(
                         Finding(
                             "unbacked-in-buddy",
@@ -101,7 +96,7 @@ def _check_backing(mm: MemoryManager, backed: RangeSet) -> list[Finding]:
                     )
     for tag, owned in mm.allocations.items():
         for s, e in owned.ranges():
-            for hs, he in _uncovered(backed, s, e):
+            for hs, he in backed.holes(s, e):
                 out.append(
                     Finding(
                         "unbacked-allocated",
