@@ -226,6 +226,8 @@ class AgentOptions:
     workload: WorkloadSpec | None = None
     backoff_initial: float = BACKOFF_INITIAL
     backoff_max: float = BACKOFF_MAX
+    #: Announced at attach: where this agent serves GuestIntrospection ("" for nowhere).
+    introspection_address: str = ""
 
     def guest_config(self, layout: Layout) -> GuestConfig:
         """The guest's configuration: the hypervisor's layout plus these options."""
@@ -454,7 +456,9 @@ class GuestAgent:
             delay = min(delay * 2, self.options.backoff_max)
 
     async def _attach(self, link: Link) -> None:
-        attach = dm_pb2.Attach(vm_id=self.options.vm_id)
+        attach = dm_pb2.Attach(
+            vm_id=self.options.vm_id, introspection_address=self.options.introspection_address
+        )
         if self.vm is not None:
             attach.state.CopyFrom(memory_state(self.vm))
         await link.write(dm_pb2.GuestToHost(attach=attach))

@@ -17,6 +17,7 @@ import contextlib
 import math
 import os
 import signal
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,12 @@ def add_subparser(subparsers: Any) -> None:
         default="127.0.0.1:0",
         metavar="HOST:PORT",
         help="introspection server address (port 0: any free port; default %(default)s)",
+    )
+    p.add_argument(
+        "--advertise",
+        metavar="HOST:PORT",
+        help="the introspection address announced to the hypervisor (default: the --listen "
+        "address with the bound port; the hostname when it listens on 0.0.0.0)",
     )
     p.add_argument("--ready-file", type=Path, metavar="PATH", help="write HOST:PORT here when up")
     p.add_argument("--strategy", choices=STRATEGIES, default="callback")
@@ -157,6 +164,13 @@ def options_from_args(args: argparse.Namespace) -> AgentOptions:
     )
 
 
+def advertised_address(host: str, port: int) -> str:
+    """The address others reach a server on: a wildcard host becomes this host's name."""
+    if host in ("0.0.0.0", "[::]", "::", ""):
+        host = socket.gethostname()
+    return f"{host}:{port}"
+
+
 def write_ready_file(path: Path, address: str) -> None:
     """``address`` and a newline, replacing ``path`` atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -199,6 +213,7 @@ async def serve(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     host = args.listen.rpartition(":")[0] or "127.0.0.1"
     address = f"{host}:{port}"
+    options.introspection_address = args.advertise or advertised_address(host, port)
     await server.start()
     log.info("introspection_listening", address=address, hypervisor=args.hypervisor)
 

@@ -56,7 +56,7 @@ class DynamicMemoryServicer(dm_pb2_grpc.DynamicMemoryServicer):
         attach = first.attach
         state = guest_state_from_pb(attach.state) if attach.HasField("state") else None
         try:
-            handle = self.hv.attach(attach.vm_id, state)
+            handle = self.hv.attach(attach.vm_id, state, attach.introspection_address)
         except ServiceError as err:
             log.info("attach_refused", vm=attach.vm_id, code=err.code, message=err.message)
             await context.abort(STATUS[err.code], f"{err.field}: {err.message}")

@@ -145,6 +145,7 @@ def vm_to_pb(handle: VmHandle, *, full: bool = True) -> control_pb2.Vm:
         frames_received=handle.frames_received,
         frames_sent=handle.frames_sent,
         violation_events=handle.violation_events,
+        guest_address=handle.guest_address,
     )
     if full:
         vm.backed.extend(ranges_to_pb(s.backed.ranges()))

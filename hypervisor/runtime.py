@@ -155,6 +155,8 @@ class VmHandle:
     frames_sent: int = 0
     #: "violation" and "protocol_error" events published for this VM.
     violation_events: int = 0
+    #: The attached guest's introspection address, as it announced it ("" for none).
+    guest_address: str = ""
     log: structlog.stdlib.BoundLogger = field(default_factory=lambda: log)
 
     @property
@@ -266,7 +268,7 @@ class Hypervisor:
 
     # -- the DM channel --------------------------------------------------------
 
-    def attach(self, vm_id: str, state: GuestState | None) -> VmHandle:
+    def attach(self, vm_id: str, state: GuestState | None, guest_address: str = "") -> VmHandle:
         """A guest opened a channel; its outbox starts with ``attached``."""
         check_vm_id(vm_id)
         handle = self.vms.get(vm_id)
@@ -293,6 +295,7 @@ class Hypervisor:
         handle.touched = True
         handle.epoch += 1
         handle.outbox = asyncio.Queue()
+        handle.guest_address = guest_address
         cfg = handle.config
         handle.send(
             dm_pb2.HostToGuest(
@@ -316,6 +319,7 @@ class Hypervisor:
                 "created": created,
                 "reattach": reattached,
                 "guest_state": state is not None,
+                "guest_address": guest_address,
                 "reconcile": report.as_data(),
             },
         )
@@ -327,6 +331,7 @@ class Hypervisor:
         if handle.epoch != epoch or handle.outbox is None:
             return
         handle.outbox = None
+        handle.guest_address = ""
         self._publish(handle, "detach", {"reason": reason, "dm_state": handle.session.state})
 
     def guest_frame(self, handle: VmHandle, frame: dm_pb2.DmFrame) -> None:

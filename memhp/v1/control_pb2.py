@@ -26,7 +26,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from memhp.v1 import dm_pb2 as memhp_dot_v1_dot_dm__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16memhp/v1/control.proto\x12\x08memhp.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x11memhp/v1/dm.proto\"X\n\x06VmSpec\x12\r\n\x05vm_id\x18\x01 \x01(\t\x12\x12\n\nboot_bytes\x18\x02 \x01(\x04\x12\x11\n\tmax_bytes\x18\x03 \x01(\x04\x12\x18\n\x10\x62lock_size_bytes\x18\x04 \x01(\x04\"|\n\x06Region\x12\x12\n\nstart_page\x18\x01 \x01(\x04\x12\x12\n\npage_count\x18\x02 \x01(\x04\x12#\n\x06\x62\x61\x63ked\x18\x03 \x03(\x0b\x32\x13.memhp.v1.PageRange\x12\x13\n\x0b\x61\x64\x64\x65\x64_pages\x18\x04 \x01(\x04\x12\x10\n\x08unusable\x18\x05 \x01(\x08\"Q\n\x0bTransaction\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x10\n\x08trans_id\x18\x02 \x01(\r\x12\r\n\x05pages\x18\x03 \x01(\x04\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\"\x0e\n\x0cManualPolicy\"U\n\rDynamicPolicy\x12\x16\n\x0e\x62uffer_percent\x18\x01 \x01(\r\x12\x15\n\rminimum_bytes\x18\x02 \x01(\x04\x12\x15\n\rmaximum_bytes\x18\x03 \x01(\x04\"h\n\x06Policy\x12(\n\x06manual\x18\x01 \x01(\x0b\x32\x16.memhp.v1.ManualPolicyH\x00\x12*\n\x07\x64ynamic\x18\x02 \x01(\x0b\x32\x17.memhp.v1.DynamicPolicyH\x00\x42\x08\n\x06policy\"\xcb\x04\n\x02Vm\x12\x1e\n\x04spec\x18\x01 \x01(\x0b\x32\x10.memhp.v1.VmSpec\x12\x10\n\x08\x61ttached\x18\x02 \x01(\x08\x12\x10\n\x08\x64m_state\x18\x03 \x01(\t\x12\x17\n\x0frequested_bytes\x18\x04 \x01(\x04\x12\x14\n\x0c\x61\x63tual_bytes\x18\x05 \x01(\x04\x12\x17\n\x0f\x63ommitted_bytes\x18\x06 \x01(\x04\x12\x17\n\x0f\x61vailable_bytes\x18\x07 \x01(\x04\x12\x17\n\x0f\x62\x61llooned_bytes\x18\x08 \x01(\x04\x12!\n\x07regions\x18\t \x03(\x0b\x32\x10.memhp.v1.Region\x12-\n\tin_flight\x18\n \x01(\x0b\x32\x15.memhp.v1.TransactionH\x00\x88\x01\x01\x12 \n\x06policy\x18\x0b \x01(\x0b\x32\x10.memhp.v1.Policy\x12\x18\n\x10protocol_version\x18\x0c \x01(\r\x12\x18\n\x10hot_add_disabled\x18\r \x01(\x08\x12\x17\n\x0fqueued_commands\x18\x0e \x01(\r\x12\x0c\n\x04\x62usy\x18\x0f \x01(\x08\x12#\n\x06\x62\x61\x63ked\x18\x10 \x03(\x0b\x32\x13.memhp.v1.PageRange\x12&\n\tballooned\x18\x11 \x03(\x0b\x32\x13.memhp.v1.PageRange\x12\x15\n\rrequested_set\x18\x12 \x01(\x08\x12\x17\n\x0f\x66rames_received\x18\x13 \x01(\x04\x12\x13\n\x0b\x66rames_sent\x18\x14 \x01(\x04\x12\x18\n\x10violation_events\x18\x15 \x01(\x04\x42\x0c\n\n_in_flight\"1\n\x0f\x43reateVmRequest\x12\x1e\n\x04spec\x18\x01 \x01(\x0b\x32\x10.memhp.v1.VmSpec\"\x10\n\x0eListVmsRequest\",\n\x0fListVmsResponse\x12\x19\n\x03vms\x18\x01 \x03(\x0b\x32\x0c.memhp.v1.Vm\"\x1d\n\x0cGetVmRequest\x12\r\n\x05vm_id\x18\x01 \x01(\t\":\n\x10SetTargetRequest\x12\r\n\x05vm_id\x18\x01 \x01(\t\x12\x17\n\x0frequested_bytes\x18\x02 \x01(\x04\"t\n\rHotAddCommand\x12\r\n\x05vm_id\x18\x01 \x01(\t\x12\x14\n\x0cregion_bytes\x18\x02 \x01(\x04\x12\x14\n\x0c\x62\x61\x63ked_bytes\x18\x03 \x01(\x04\x12\x14\n\x0coffset_bytes\x18\x04 \x01(\x04\x12\x12\n\nrange_only\x18\x05 \x01(\x08\"X\n\x0b\x42\x61\x63kCommand\x12\r\n\x05vm_id\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\x17\n\nstart_page\x18\x03 \x01(\x04H\x00\x88\x01\x01\x42\r\n\x0b_start_page\"3\n\x0e\x42\x61lloonCommand\x12\r\n\x05vm_id\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\"5\n\x10UnballoonCommand\x12\r\n\x05vm_id\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\"C\n\x10SetPolicyRequest\x12\r\n\x05vm_id\x18\x01 \x01(\t\x12 \n\x06policy\x18\x02 \x01(\x0b\x32\x10.memhp.v1.Policy\"3\n\x12WatchEventsRequest\x12\x0e\n\x06vm_ids\x18\x01 \x03(\t\x12\r\n\x05kinds\x18\x02 \x03(\t\"\x82\x01\n\x05\x45vent\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x11\n\ttimestamp\x18\x02 \x01(\x01\x12\r\n\x05vm_id\x18\x03 \x01(\t\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12(\n\x07payload\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0e\n\x06source\x18\x06 \x01(\t2\xa3\x04\n\x07\x43ontrol\x12\x33\n\x08\x43reateVm\x12\x19.memhp.v1.CreateVmRequest\x1a\x0c.memhp.v1.Vm\x12>\n\x07ListVms\x12\x18.memhp.v1.ListVmsRequest\x1a\x19.memhp.v1.ListVmsResponse\x12-\n\x05GetVm\x12\x16.memhp.v1.GetVmRequest\x1a\x0c.memhp.v1.Vm\x12\x35\n\tSetTarget\x12\x1a.memhp.v1.SetTargetRequest\x1a\x0c.memhp.v1.Vm\x12/\n\x06HotAdd\x12\x17.memhp.v1.HotAddCommand\x1a\x0c.memhp.v1.Vm\x12+\n\x04\x42\x61\x63k\x12\x15.memhp.v1.BackCommand\x1a\x0c.memhp.v1.Vm\x12\x31\n\x07\x42\x61lloon\x12\x18.memhp.v1.BalloonCommand\x1a\x0c.memhp.v1.Vm\x12\x35\n\tUnballoon\x12\x1a.memhp.v1.UnballoonCommand\x1a\x0c.memhp.v1.Vm\x12\x35\n\tSetPolicy\x12\x1a.memhp.v1.SetPolicyRequest\x1a\x0c.memhp.v1.Vm\x12>\n\x0bWatchEvents\x12\x1c.memhp.v1.WatchEventsRequest\x1a\x0f.memhp.v1.Event0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16memhp/v1/control.proto\x12\x08memhp.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x11memhp/v1/dm.proto\"X\n\x06VmSpec\x12\r\n\x05vm_id\x18\x01 \x01(\t\x12\x12\n\nboot_bytes\x18\x02 \x01(\x04\x12\x11\n\tmax_bytes\x18\x03 \x01(\x04\x12\x18\n\x10\x62lock_size_bytes\x18\x04 \x01(\x04\"|\n\x06Region\x12\x12\n\nstart_page\x18\x01 \x01(\x04\x12\x12\n\npage_count\x18\x02 \x01(\x04\x12#\n\x06\x62\x61\x63ked\x18\x03 \x03(\x0b\x32\x13.memhp.v1.PageRange\x12\x13\n\x0b\x61\x64\x64\x65\x64_pages\x18\x04 \x01(\x04\x12\x10\n\x08unusable\x18\x05 \x01(\x08\"Q\n\x0bTransaction\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x10\n\x08trans_id\x18\x02 \x01(\r\x12\r\n\x05pages\x18\x03 \x01(\x04\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\"\x0e\n\x0cManualPolicy\"U\n\rDynamicPolicy\x12\x16\n\x0e\x62uffer_percent\x18\x01 \x01(\r\x12\x15\n\rminimum_bytes\x18\x02 \x01(\x04\x12\x15\n\rmaximum_bytes\x18\x03 \x01(\x04\"h\n\x06Policy\x12(\n\x06manual\x18\x01 \x01(\x0b\x32\x16.memhp.v1.ManualPolicyH\x00\x12*\n\x07\x64ynamic\x18\x02 \x01(\x0b\x32\x17.memhp.v1.DynamicPolicyH\x00\x42\x08\n\x06policy\"\x94\x05\n\x02Vm\x12\x1e\n\x04spec\x18\x01 \x01(\x0b\x32\x10.memhp.v1.VmSpec\x12\x10\n\x08\x61ttached\x18\x02 \x01(\x08\x12\x10\n\x08\x64m_state\x18\x03 \x01(\t\x12\x17\n\x0frequested_bytes\x18\x04 \x01(\x04\x12\x14\n\x0c\x61\x63tual_bytes\x18\x05 \x01(\x04\x12\x17\n\x0f\x63ommitted_bytes\x18\x06 \x01(\x04\x12\x17\n\x0f\x61vailable_bytes\x18\x07 \x01(\x04\x12\x17\n\x0f\x62\x61llooned_bytes\x18\x08 \x01(\x04\x12!\n\x07regions\x18\t \x03(\x0b\x32\x10.memhp.v1.Region\x12-\n\tin_flight\x18\n \x01(\x0b\x32\x15.memhp.v1.TransactionH\x00\x88\x01\x01\x12 \n\x06policy\x18\x0b \x01(\x0b\x32\x10.memhp.v1.Policy\x12\x18\n\x10protocol_version\x18\x0c \x01(\r\x12\x18\n\x10hot_add_disabled\x18\r \x01(\x08\x12\x17\n\x0fqueued_commands\x18\x0e \x01(\r\x12\x0c\n\x04\x62usy\x18\x0f \x01(\x08\x12#\n\x06\x62\x61\x63ked\x18\x10 \x03(\x0b\x32\x13.memhp.v1.PageRange\x12&\n\tballooned\x18\x11 \x03(\x0b\x32\x13.memhp.v1.PageRange\x12\x15\n\rrequested_set\x18\x12 \x01(\x08\x12\x17\n\x0f\x66rames_received\x18\x13 \x01(\x04\x12\x13\n\x0b\x66rames_sent\x18\x14 \x01(\x04\x12\x18\n\x10violation_events\x18\x15 \x01(\x04\x12\x15\n\rguest_address\x18\x16 \x01(\t\x12\x30\n\x0ctransactions\x18\x17 \x01(\x0b\x32\x1a.memhp.v1.TransactionStatsB\x0c\n\n_in_flight\"e\n\x10TransactionStats\x12\x11\n\tcompleted\x18\x01 \x01(\x04\x12\x0e\n\x06window\x18\x02 \x01(\r\x12\x0e\n\x06p50_ms\x18\x03 \x01(\x01\x12\x0e\n\x06p99_ms\x18\x04 \x01(\x01\x12\x0e\n\x06max_ms\x18\x05 \x01(\x01\"1\n\x0f\x43reateVmRequest\x12\x1e\n\x04spec\x18\x01 \x01(\x0b\x32\x10.memhp.v1.VmSpec\"\x10\n\x0eListVmsRequest\",\n\x0fListVmsResponse\x12\x19\n\x03vms\x18\x01 \x03(\x0b\x32\x0c.memhp.v1.Vm\"\x1d\n\x0cGetVmRequest\x12\r\n\x05vm_id\x18\x01 \x01(\t\":\n\x10SetTargetRequest\x12\r\n\x05vm_id\x18\x01 \x01(\t\x12\x17\n\x0frequested_bytes\x18\x02 \x01(\x04\"\x83\x01\n\rHotAddCommand\x12\r\n\x05vm_id\x18\x01 \x01(\t\x12\x14\n\x0cregion_bytes\x18\x02 \x01(\x04\x12\x14\n\x0c\x62\x61\x63ked_bytes\x18\x03 \x01(\x04\x12\x14\n\x0coffset_bytes\x18\x04 \x01(\x04\x12\x12\n\nrange_only\x18\x05 \x01(\x08\x12\r\n\x05\x63ount\x18\x06 \x01(\r\"k\n\x0b\x42\x61\x63kCommand\x12\r\n\x05vm_id\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\x17\n\nstart_page\x18\x03 \x01(\x04H\x00\x88\x01\x01\x12\x11\n\tremaining\x18\x04 \x01(\x08\x42\r\n\x0b_start_page\"3\n\x0e\x42\x61lloonCommand\x12\r\n\x05vm_id\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\"5\n\x10UnballoonCommand\x12\r\n\x05vm_id\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\"C\n\x10SetPolicyRequest\x12\r\n\x05vm_id\x18\x01 \x01(\t\x12 \n\x06policy\x18\x02 \x01(\x0b\x32\x10.memhp.v1.Policy\"3\n\x12WatchEventsRequest\x12\x0e\n\x06vm_ids\x18\x01 \x03(\t\x12\r\n\x05kinds\x18\x02 \x03(\t\"\x82\x01\n\x05\x45vent\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x11\n\ttimestamp\x18\x02 \x01(\x01\x12\r\n\x05vm_id\x18\x03 \x01(\t\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12(\n\x07payload\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0e\n\x06source\x18\x06 \x01(\t2\xa3\x04\n\x07\x43ontrol\x12\x33\n\x08\x43reateVm\x12\x19.memhp.v1.CreateVmRequest\x1a\x0c.memhp.v1.Vm\x12>\n\x07ListVms\x12\x18.memhp.v1.ListVmsRequest\x1a\x19.memhp.v1.ListVmsResponse\x12-\n\x05GetVm\x12\x16.memhp.v1.GetVmRequest\x1a\x0c.memhp.v1.Vm\x12\x35\n\tSetTarget\x12\x1a.memhp.v1.SetTargetRequest\x1a\x0c.memhp.v1.Vm\x12/\n\x06HotAdd\x12\x17.memhp.v1.HotAddCommand\x1a\x0c.memhp.v1.Vm\x12+\n\x04\x42\x61\x63k\x12\x15.memhp.v1.BackCommand\x1a\x0c.memhp.v1.Vm\x12\x31\n\x07\x42\x61lloon\x12\x18.memhp.v1.BalloonCommand\x1a\x0c.memhp.v1.Vm\x12\x35\n\tUnballoon\x12\x1a.memhp.v1.UnballoonCommand\x1a\x0c.memhp.v1.Vm\x12\x35\n\tSetPolicy\x12\x1a.memhp.v1.SetPolicyRequest\x1a\x0c.memhp.v1.Vm\x12>\n\x0bWatchEvents\x12\x1c.memhp.v1.WatchEventsRequest\x1a\x0f.memhp.v1.Event0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,31 +46,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_POLICY']._serialized_start=487
   _globals['_POLICY']._serialized_end=591
   _globals['_VM']._serialized_start=594
-  _globals['_VM']._serialized_end=1181
-  _globals['_CREATEVMREQUEST']._serialized_start=1183
-  _globals['_CREATEVMREQUEST']._serialized_end=1232
-  _globals['_LISTVMSREQUEST']._serialized_start=1234
-  _globals['_LISTVMSREQUEST']._serialized_end=1250
-  _globals['_LISTVMSRESPONSE']._serialized_start=1252
-  _globals['_LISTVMSRESPONSE']._serialized_end=1296
-  _globals['_GETVMREQUEST']._serialized_start=1298
-  _globals['_GETVMREQUEST']._serialized_end=1327
-  _globals['_SETTARGETREQUEST']._serialized_start=1329
-  _globals['_SETTARGETREQUEST']._serialized_end=1387
-  _globals['_HOTADDCOMMAND']._serialized_start=1389
-  _globals['_HOTADDCOMMAND']._serialized_end=1505
-  _globals['_BACKCOMMAND']._serialized_start=1507
-  _globals['_BACKCOMMAND']._serialized_end=1595
-  _globals['_BALLOONCOMMAND']._serialized_start=1597
-  _globals['_BALLOONCOMMAND']._serialized_end=1648
-  _globals['_UNBALLOONCOMMAND']._serialized_start=1650
-  _globals['_UNBALLOONCOMMAND']._serialized_end=1703
-  _globals['_SETPOLICYREQUEST']._serialized_start=1705
-  _globals['_SETPOLICYREQUEST']._serialized_end=1772
-  _globals['_WATCHEVENTSREQUEST']._serialized_start=1774
-  _globals['_WATCHEVENTSREQUEST']._serialized_end=1825
-  _globals['_EVENT']._serialized_start=1828
-  _globals['_EVENT']._serialized_end=1958
-  _globals['_CONTROL']._serialized_start=1961
-  _globals['_CONTROL']._serialized_end=2508
+  _globals['_VM']._serialized_end=1254
+  _globals['_TRANSACTIONSTATS']._serialized_start=1256
+  _globals['_TRANSACTIONSTATS']._serialized_end=1357
+  _globals['_CREATEVMREQUEST']._serialized_start=1359
+  _globals['_CREATEVMREQUEST']._serialized_end=1408
+  _globals['_LISTVMSREQUEST']._serialized_start=1410
+  _globals['_LISTVMSREQUEST']._serialized_end=1426
+  _globals['_LISTVMSRESPONSE']._serialized_start=1428
+  _globals['_LISTVMSRESPONSE']._serialized_end=1472
+  _globals['_GETVMREQUEST']._serialized_start=1474
+  _globals['_GETVMREQUEST']._serialized_end=1503
+  _globals['_SETTARGETREQUEST']._serialized_start=1505
+  _globals['_SETTARGETREQUEST']._serialized_end=1563
+  _globals['_HOTADDCOMMAND']._serialized_start=1566
+  _globals['_HOTADDCOMMAND']._serialized_end=1697
+  _globals['_BACKCOMMAND']._serialized_start=1699
+  _globals['_BACKCOMMAND']._serialized_end=1806
+  _globals['_BALLOONCOMMAND']._serialized_start=1808
+  _globals['_BALLOONCOMMAND']._serialized_end=1859
+  _globals['_UNBALLOONCOMMAND']._serialized_start=1861
+  _globals['_UNBALLOONCOMMAND']._serialized_end=1914
+  _globals['_SETPOLICYREQUEST']._serialized_start=1916
+  _globals['_SETPOLICYREQUEST']._serialized_end=1983
+  _globals['_WATCHEVENTSREQUEST']._serialized_start=1985
+  _globals['_WATCHEVENTSREQUEST']._serialized_end=2036
+  _globals['_EVENT']._serialized_start=2039
+  _globals['_EVENT']._serialized_end=2169
+  _globals['_CONTROL']._serialized_start=2172
+  _globals['_CONTROL']._serialized_end=2719
 # @@protoc_insertion_point(module_scope)

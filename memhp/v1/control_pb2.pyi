@@ -222,6 +222,8 @@ class Vm(_message.Message):
     FRAMES_RECEIVED_FIELD_NUMBER: _builtins.int
     FRAMES_SENT_FIELD_NUMBER: _builtins.int
     VIOLATION_EVENTS_FIELD_NUMBER: _builtins.int
+    GUEST_ADDRESS_FIELD_NUMBER: _builtins.int
+    TRANSACTIONS_FIELD_NUMBER: _builtins.int
     attached: _builtins.bool
     """A guest agent is attached on a DM channel."""
     dm_state: _builtins.str
@@ -250,6 +252,10 @@ class Vm(_message.Message):
     """"violation" and "protocol_error" events published for this VM so far: a watcher that
     has seen this many of them has seen all of them.
     """
+    guest_address: _builtins.str
+    """Where the attached guest agent serves GuestIntrospection, as it announced at attach
+    (empty: it announced none, or no guest is attached).
+    """
     @_builtins.property
     def spec(self) -> Global___VmSpec: ...
     @_builtins.property
@@ -267,6 +273,10 @@ class Vm(_message.Message):
     @_builtins.property
     def ballooned(self) -> _containers.RepeatedCompositeFieldContainer[_dm_pb2.PageRange]:
         """Pages the guest ballooned and the host discarded."""
+
+    @_builtins.property
+    def transactions(self) -> Global___TransactionStats:
+        """Round trips of the host-initiated DM transactions of this VM."""
 
     def __init__(
         self,
@@ -292,16 +302,55 @@ class Vm(_message.Message):
         frames_received: _builtins.int = ...,
         frames_sent: _builtins.int = ...,
         violation_events: _builtins.int = ...,
+        guest_address: _builtins.str = ...,
+        transactions: Global___TransactionStats | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_in_flight", b"_in_flight", "in_flight", b"in_flight", "policy", b"policy", "spec", b"spec"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_in_flight", b"_in_flight", "in_flight", b"in_flight", "policy", b"policy", "spec", b"spec", "transactions", b"transactions"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_in_flight", b"_in_flight", "actual_bytes", b"actual_bytes", "attached", b"attached", "available_bytes", b"available_bytes", "backed", b"backed", "ballooned", b"ballooned", "ballooned_bytes", b"ballooned_bytes", "busy", b"busy", "committed_bytes", b"committed_bytes", "dm_state", b"dm_state", "frames_received", b"frames_received", "frames_sent", b"frames_sent", "hot_add_disabled", b"hot_add_disabled", "in_flight", b"in_flight", "policy", b"policy", "protocol_version", b"protocol_version", "queued_commands", b"queued_commands", "regions", b"regions", "requested_bytes", b"requested_bytes", "requested_set", b"requested_set", "spec", b"spec", "violation_events", b"violation_events"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_in_flight", b"_in_flight", "actual_bytes", b"actual_bytes", "attached", b"attached", "available_bytes", b"available_bytes", "backed", b"backed", "ballooned", b"ballooned", "ballooned_bytes", b"ballooned_bytes", "busy", b"busy", "committed_bytes", b"committed_bytes", "dm_state", b"dm_state", "frames_received", b"frames_received", "frames_sent", b"frames_sent", "guest_address", b"guest_address", "hot_add_disabled", b"hot_add_disabled", "in_flight", b"in_flight", "policy", b"policy", "protocol_version", b"protocol_version", "queued_commands", b"queued_commands", "regions", b"regions", "requested_bytes", b"requested_bytes", "requested_set", b"requested_set", "spec", b"spec", "transactions", b"transactions", "violation_events", b"violation_events"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__in_flight: _TypeAlias = _typing.Literal["in_flight"]  # noqa: Y015
     _WhichOneofArgType__in_flight: _TypeAlias = _typing.Literal["_in_flight", b"_in_flight"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType__in_flight) -> _WhichOneofReturnType__in_flight | None: ...
 
 Global___Vm: _TypeAlias = Vm  # noqa: Y015
+
+@_typing.final
+class TransactionStats(_message.Message):
+    """Round trip of a host-initiated DM transaction: from the host sending the request to
+    it receiving the guest's final response, measured in the hypervisor.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMPLETED_FIELD_NUMBER: _builtins.int
+    WINDOW_FIELD_NUMBER: _builtins.int
+    P50_MS_FIELD_NUMBER: _builtins.int
+    P99_MS_FIELD_NUMBER: _builtins.int
+    MAX_MS_FIELD_NUMBER: _builtins.int
+    completed: _builtins.int
+    """Transactions completed since the hypervisor started."""
+    window: _builtins.int
+    """Over the last (at most) 4096 completed transactions, milliseconds."""
+    p50_ms: _builtins.float
+    p99_ms: _builtins.float
+    max_ms: _builtins.float
+    def __init__(
+        self,
+        *,
+        completed: _builtins.int = ...,
+        window: _builtins.int = ...,
+        p50_ms: _builtins.float = ...,
+        p99_ms: _builtins.float = ...,
+        max_ms: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed", b"completed", "max_ms", b"max_ms", "p50_ms", b"p50_ms", "p99_ms", b"p99_ms", "window", b"window"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TransactionStats: _TypeAlias = TransactionStats  # noqa: Y015
 
 @_typing.final
 class CreateVmRequest(_message.Message):
@@ -409,6 +458,7 @@ class HotAddCommand(_message.Message):
     BACKED_BYTES_FIELD_NUMBER: _builtins.int
     OFFSET_BYTES_FIELD_NUMBER: _builtins.int
     RANGE_ONLY_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
     vm_id: _builtins.str
     region_bytes: _builtins.int
     """The new region's size; a multiple of the guest's hot-add alignment."""
@@ -418,6 +468,11 @@ class HotAddCommand(_message.Message):
     """Where in the region the backing starts (default 0)."""
     range_only: _builtins.bool
     """Send the 16-byte form (range only) instead of the 24-byte form with the region."""
+    count: _builtins.int
+    """How many such regions, one after the other, each its own DM transaction (0 means 1).
+    All are checked before any is queued: one that does not fit refuses the command.
+    The whole batch counts as one queued command.
+    """
     def __init__(
         self,
         *,
@@ -426,10 +481,11 @@ class HotAddCommand(_message.Message):
         backed_bytes: _builtins.int = ...,
         offset_bytes: _builtins.int = ...,
         range_only: _builtins.bool = ...,
+        count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backed_bytes", b"backed_bytes", "offset_bytes", b"offset_bytes", "range_only", b"range_only", "region_bytes", b"region_bytes", "vm_id", b"vm_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backed_bytes", b"backed_bytes", "count", b"count", "offset_bytes", b"offset_bytes", "range_only", b"range_only", "region_bytes", b"region_bytes", "vm_id", b"vm_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -442,6 +498,7 @@ class BackCommand(_message.Message):
     VM_ID_FIELD_NUMBER: _builtins.int
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
     START_PAGE_FIELD_NUMBER: _builtins.int
+    REMAINING_FIELD_NUMBER: _builtins.int
     vm_id: _builtins.str
     size_bytes: _builtins.int
     """How many more bytes to back."""
@@ -449,16 +506,22 @@ class BackCommand(_message.Message):
     """Absent: contiguous after what the newest region has backed (16-byte form).
     Present: this guest-physical page, which may leave a gap or fill one.
     """
+    remaining: _builtins.bool
+    """Back every page of every region the host has not backed yet (size_bytes and
+    start_page must be unset): one DM transaction per unbacked range, lowest first,
+    queued as one command.
+    """
     def __init__(
         self,
         *,
         vm_id: _builtins.str = ...,
         size_bytes: _builtins.int = ...,
         start_page: _builtins.int | None = ...,
+        remaining: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_start_page", b"_start_page", "start_page", b"start_page"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_start_page", b"_start_page", "size_bytes", b"size_bytes", "start_page", b"start_page", "vm_id", b"vm_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_start_page", b"_start_page", "remaining", b"remaining", "size_bytes", b"size_bytes", "start_page", b"start_page", "vm_id", b"vm_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__start_page: _TypeAlias = _typing.Literal["start_page"]  # noqa: Y015
     _WhichOneofArgType__start_page: _TypeAlias = _typing.Literal["_start_page", b"_start_page"]  # noqa: Y015

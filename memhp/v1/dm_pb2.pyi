@@ -565,7 +565,12 @@ class Attach(_message.Message):
 
     VM_ID_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
+    INTROSPECTION_ADDRESS_FIELD_NUMBER: _builtins.int
     vm_id: _builtins.str
+    introspection_address: _builtins.str
+    """Where the guest agent serves GuestIntrospection (host:port as the hypervisor and its
+    operators reach it); empty when it serves none.
+    """
     @_builtins.property
     def state(self) -> Global___GuestMemoryState:
         """Present when the guest reattaches after the stream broke."""
@@ -575,10 +580,11 @@ class Attach(_message.Message):
         *,
         vm_id: _builtins.str = ...,
         state: Global___GuestMemoryState | None = ...,
+        introspection_address: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_state", b"_state", "state", b"state"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_state", b"_state", "state", b"state", "vm_id", b"vm_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_state", b"_state", "introspection_address", b"introspection_address", "state", b"state", "vm_id", b"vm_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__state: _TypeAlias = _typing.Literal["state"]  # noqa: Y015
     _WhichOneofArgType__state: _TypeAlias = _typing.Literal["_state", b"_state"]  # noqa: Y015
