@@ -42,6 +42,7 @@ import grpc
 
 from extents import RangeSet
 from guest.agent import agent_of
+from guest.blockmap import block_cell
 from guest.invariants import check_guest
 from guest.mm.dump import walk_dump
 from guest.mm.errors import MemoryHotplugError
@@ -96,7 +97,11 @@ def pfn_ranges(ranges: Iterable[tuple[int, int]]) -> list[guest_pb2.PfnRange]:
 
 def block_pb(vm: GuestVm, block: MemoryBlock) -> guest_pb2.MemoryBlock:
     files = block_files(vm.mm, block)
+    cell = block_cell(vm.mm, block)
     return guest_pb2.MemoryBlock(
+        page_offline=cell.page_offline,
+        ballooned=cell.ballooned,
+        cell=cell.cell,
         index=block.id,
         state=block.state,
         zone=block.zone or "",

@@ -33,6 +33,9 @@ class MemoryBlock(_message.Message):
     VALID_ZONES_FIELD_NUMBER: _builtins.int
     NODE_FIELD_NUMBER: _builtins.int
     REMOVABLE_FIELD_NUMBER: _builtins.int
+    PAGE_OFFLINE_FIELD_NUMBER: _builtins.int
+    BALLOONED_FIELD_NUMBER: _builtins.int
+    CELL_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     state: _builtins.str
     """"online", "offline" or "going-offline"."""
@@ -40,6 +43,14 @@ class MemoryBlock(_message.Message):
     """"Normal", "Movable"; empty while offline."""
     node: _builtins.int
     removable: _builtins.bool
+    page_offline: _builtins.int
+    """Pages of the block that are PageOffline because the host has not backed them."""
+    ballooned: _builtins.int
+    """Pages of the block the balloon took (PageOffline, owned by the balloon)."""
+    cell: _builtins.str
+    """The live view's cell: "offline", "online", "unbacked" (online with PageOffline
+    pages) or "ballooned" (guest/blockmap.py).
+    """
     @_builtins.property
     def valid_zones(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """valid_zones, in the kernel's order."""
@@ -53,10 +64,13 @@ class MemoryBlock(_message.Message):
         valid_zones: _abc.Iterable[_builtins.str] | None = ...,
         node: _builtins.int = ...,
         removable: _builtins.bool = ...,
+        page_offline: _builtins.int = ...,
+        ballooned: _builtins.int = ...,
+        cell: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "node", b"node", "removable", b"removable", "state", b"state", "valid_zones", b"valid_zones", "zone", b"zone"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ballooned", b"ballooned", "cell", b"cell", "index", b"index", "node", b"node", "page_offline", b"page_offline", "removable", b"removable", "state", b"state", "valid_zones", b"valid_zones", "zone", b"zone"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
