@@ -186,6 +186,14 @@ class DmHostSession:
         return tuple(self._truth.regions)
 
     @property
+    def region_count(self) -> int:
+        return len(self._truth.regions)
+
+    def regions_from(self, index: int) -> list[HotAddRegion]:
+        """The regions from ``index`` on, in placement order (no copy of the older ones)."""
+        return self._truth.regions[index:]
+
+    @property
     def backed(self) -> RangeSet:
         """The PFNs the host backs (read it, do not change it)."""
         return self._truth.backed
