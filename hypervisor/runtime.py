@@ -25,6 +25,7 @@ from typing import Final
 import structlog
 
 from hypervisor.dm_host import DmHostSession
+from hypervisor.dm_work import Transaction
 from hypervisor.errors import HostCommandError
 from hypervisor.events import HostEvent, ProtocolViolation
 from hypervisor.ground_truth import HotAddRegion
@@ -189,6 +190,10 @@ class VmHandle:
     #: The attached guest's introspection address, as it announced it ("" for none).
     guest_address: str = ""
     round_trips: RoundTrips = field(default_factory=lambda: RoundTrips())
+    #: When the request of ``sent_txn`` (the transaction in flight) went to the stream: a
+    #: batch's first request leaves after the batch is placed, later than ``started``.
+    sent_txn: Transaction | None = None
+    sent_at: float = 0.0
     log: structlog.stdlib.BoundLogger = field(default_factory=lambda: log)
 
     @property
@@ -382,7 +387,8 @@ class Hypervisor:
         now = handle.now()
         out = session.receive(msg, now)
         if txn is not None and session.in_flight is not txn:
-            handle.round_trips.record(now - txn.started)
+            sent = handle.sent_at if handle.sent_txn is txn else txn.started
+            handle.round_trips.record(now - sent)
         if len(session.protocol_errors) == errors:
             # The critical path: the next request goes out first; publishing, logging and
             # the state file follow on the next turn of the loop, after the stream writer
@@ -561,6 +567,10 @@ class Hypervisor:
             return []
 
     def _send(self, handle: VmHandle, out: list[dm.DmMessage]) -> None:
+        txn = handle.session.in_flight
+        if out and txn is not None and handle.sent_txn is not txn:
+            handle.sent_txn = txn
+            handle.sent_at = handle.now()
         for msg in out:
             handle.log.debug("frame_out", kind=type(msg).__name__, trans_id=msg.trans_id)
             if handle.attached:
