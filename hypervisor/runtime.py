@@ -94,11 +94,28 @@ class Subscription:
         )
 
 
+#: A direct consumer of every event (the MQTT publisher): called in line, must not block.
+EventSink = Callable[[PublishedEvent], None]
+
+
 class EventHub:
-    """Fans events out to watchers; a watcher that falls behind is cut off, never waited for."""
+    """Fans events out to watchers and sinks; nobody is ever waited for.
+
+    A watcher that falls behind is cut off. A sink is called in line with every event
+    and must only hand it on without blocking (the MQTT publisher queues it, bounded by
+    its own queue); a sink that raises is logged and the event goes on to the others.
+    """
 
     def __init__(self) -> None:
         self._subs: set[Subscription] = set()
+        self._sinks: list[EventSink] = []
+
+    def add_sink(self, sink: EventSink) -> None:
+        self._sinks.append(sink)
+
+    def remove_sink(self, sink: EventSink) -> None:
+        if sink in self._sinks:
+            self._sinks.remove(sink)
 
     def subscribe(self, vm_ids: Iterable[str] = (), kinds: Iterable[str] = ()) -> Subscription:
         sub = Subscription(vm_ids, kinds)
@@ -109,6 +126,11 @@ class EventHub:
         self._subs.discard(sub)
 
     def publish(self, event: PublishedEvent) -> None:
+        for sink in self._sinks:
+            try:
+                sink(event)
+            except Exception:
+                log.exception("event_sink_failed", vm=event.vm_id, kind=event.kind)
         for sub in list(self._subs):
             if sub.wants(event):
                 try:
