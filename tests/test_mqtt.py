@@ -20,6 +20,7 @@ import pytest_asyncio
 from structlog.testing import capture_logs
 
 from memhp import events
+from memhp.cli import build_parser, main
 from memhp.mqtt import (
     BrokerUrl,
     Coalescer,
@@ -72,6 +73,30 @@ def test_bad_broker_url(text: str, why: str) -> None:
 def test_broker_url_round_trips() -> None:
     assert str(BrokerUrl("::1", 2000)) == "mqtt://[::1]:2000"
     assert parse_broker_url(str(BrokerUrl("h", 7))) == BrokerUrl("h", 7)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["hypervisor", "--mqtt", "tcp://localhost"],
+        ["guest", "--hypervisor", "127.0.0.1:1", "--vm-id", "g", "--mqtt", "mqtt://"],
+        ["hypervisor", "--mqtt", "mqtt://h", "--mqtt-queue", "0"],
+    ],
+)
+def test_bad_mqtt_flag_exits_2_naming_it(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--mqtt" in err
+
+
+def test_guest_vm_id_that_is_no_topic_level_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["guest", "--hypervisor", "127.0.0.1:1", "--vm-id", "a/b", "--mqtt", "mqtt://h"]
+    assert main(argv) == 2
+    assert "--vm-id" in capsys.readouterr().err
 
 
 # -- the publisher ----------------------------------------------------------------------
