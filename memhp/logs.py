@@ -43,12 +43,19 @@ def configure_logging(
     root.setLevel(numeric)
 
 
+def _stderr_logger(*args: object) -> structlog.PrintLogger:
+    # sys.stderr when the logger is made, not when logging was first set up: a test
+    # that captures stderr for a while must not leave every later logger writing to
+    # its closed buffer.
+    return structlog.PrintLogger(sys.stderr)
+
+
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:
     """A module logger; quiet (warnings and up, on stderr) until a process configures logging."""
     if not structlog.is_configured():
         structlog.configure(
             wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
-            logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+            logger_factory=_stderr_logger,
         )
     logger: structlog.stdlib.BoundLogger = structlog.get_logger(name)
     return logger

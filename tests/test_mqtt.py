@@ -20,7 +20,7 @@ import pytest_asyncio
 from structlog.testing import capture_logs
 
 from memhp import events
-from memhp.cli import build_parser, main
+from memhp.cli import build_parser
 from memhp.mqtt import (
     BrokerUrl,
     Coalescer,
@@ -95,7 +95,8 @@ def test_bad_mqtt_flag_exits_2_naming_it(
 
 def test_guest_vm_id_that_is_no_topic_level_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["guest", "--hypervisor", "127.0.0.1:1", "--vm-id", "a/b", "--mqtt", "mqtt://h"]
-    assert main(argv) == 2
+    args = build_parser().parse_args(argv)  # not main(): it would configure logging
+    assert args.func(args) == 2
     assert "--vm-id" in capsys.readouterr().err
 
 
