@@ -61,9 +61,12 @@ def free_port() -> int:
 class Mosquitto:
     """One mosquitto child on a fixed loopback port (see the module doc)."""
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, *, persistent: bool = False) -> None:
         self.workdir = workdir
         self.port = port or free_port()
+        #: Keep sessions (and retained messages) in workdir across a SIGKILL: saved after
+        #: every change, so a persistent subscriber's session survives a crash.
+        self.persistent = persistent
         self.process: asyncio.subprocess.Process | None = None
         self.starts = 0
         workdir.mkdir(parents=True, exist_ok=True)
@@ -89,10 +92,17 @@ class Mosquitto:
         binary = mosquitto_binary()
         self.starts += 1
         conf = self.workdir / "mosquitto.conf"
+        persistence = (
+            # As root mosquitto would switch to its own user, who cannot write here.
+            f"persistence true\npersistence_location {self.workdir}/\n"
+            "autosave_on_changes true\nautosave_interval 1\nuser root\n"
+            if self.persistent
+            else "persistence false\n"
+        )
         conf.write_text(
             f"listener {self.port} 127.0.0.1\n"
             "allow_anonymous true\n"
-            "persistence false\n"
+            f"{persistence}"
             "log_dest stderr\n"
             "log_type error\nlog_type warning\nlog_type notice\nlog_type information\n"
         )
@@ -170,15 +180,24 @@ class Received:
 class Subscriber:
     """An aiomqtt client collecting every message on ``topics`` (see the module doc)."""
 
-    def __init__(self, port: int, *topics: str) -> None:
+    def __init__(self, port: int, *topics: str, identifier: str | None = None) -> None:
+        """With ``identifier`` the session is persistent (clean_session off): the broker
+        queues QoS 1 messages for it while it is away."""
         self.port = port
+        self.identifier = identifier
         self.topics = topics or ("#",)
         self.messages: list[Received] = []
         self._client: aiomqtt.Client | None = None
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Subscriber:
-        client = aiomqtt.Client("127.0.0.1", self.port, timeout=5)
+        client = aiomqtt.Client(
+            "127.0.0.1",
+            self.port,
+            timeout=5,
+            identifier=self.identifier,
+            clean_session=False if self.identifier else None,
+        )
         await client.__aenter__()
         self._client = client
         for topic in self.topics:
