@@ -74,9 +74,16 @@ class GuestMqtt:
         self._known: set[tuple[str, int, int]] = set()
 
     def on_event(self, kind: str, data: Mapping[str, Any]) -> None:
-        """One guest event (the agent calls this for every one it keeps)."""
-        self.publisher.offer_event(self.vm_id, kind, data)
-        self._coalescer.mark()
+        """One guest event (the agent calls this for every one it keeps).
+
+        Called in line with the driver and the model: whatever goes wrong here is
+        logged and never reaches them.
+        """
+        try:
+            self.publisher.offer_event(self.vm_id, kind, data)
+            self._coalescer.mark()
+        except Exception:
+            log.exception("mqtt_event_failed", kind=kind)
 
     def state_changed(self) -> None:
         """The model changed without an event (a sysfs write): refresh the document."""

@@ -240,6 +240,7 @@ class MqttPublisher:
             self._dropping = True
             self.log.warning(
                 "mqtt_dropping_events",
+                vm=vm,
                 dropped=self.dropped,
                 queued=len(self._queue),
                 max_queue=self.max_queue,

@@ -119,3 +119,14 @@ def test_guest_document_of_a_fresh_guest() -> None:
     GUEST.validate(doc)
     assert doc["blocks"] == [[0, 32, "online"]]
     assert doc["timestamp"] == 3.0 and doc["dm_state"] == "DM_INITIALIZING"
+
+
+async def test_a_failing_publisher_never_reaches_the_guest() -> None:
+    pub = MqttPublisher(BrokerUrl("127.0.0.1"), source="guest")
+
+    def broken(*args: Any, **kwargs: Any) -> bool:
+        raise RuntimeError("boom")
+
+    pub.offer_event = broken  # type: ignore[method-assign]
+    sink = GuestMqtt("g", pub, lambda: None)
+    sink.on_event("log", {"message": "x"})  # logged, not raised
