@@ -123,6 +123,17 @@ class Link(Protocol):
         """End the stream (idempotent)."""
 
 
+class EventSink(Protocol):
+    """Where the agent hands every guest event on (``--mqtt``: :mod:`guest.mqtt_events`).
+
+    Called in line with the guest's work: it must not block.
+    """
+
+    def on_event(self, kind: str, data: dict[str, Any]) -> None: ...
+
+    def state_changed(self) -> None: ...
+
+
 class Transport(Protocol):
     """Opens DM streams to one hypervisor."""
 
@@ -348,9 +359,12 @@ class GuestAgent:
         *,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        event_sink: EventSink | None = None,
     ) -> None:
         self.options = options
         self.transport = transport
+        #: Gets every guest event and model change (None: nobody, at no cost).
+        self.event_sink = event_sink
         self._clock = clock
         self._rng = rng or random.Random()
         self.log = get_logger("guest.agent").bind(vm=options.vm_id)
@@ -389,6 +403,8 @@ class GuestAgent:
     def state_changed(self) -> None:
         """The memory layout may have changed: rewrite sysfs (soon) and run the guest."""
         self._sysfs_dirty = True
+        if self.event_sink is not None:
+            self.event_sink.state_changed()
         self.wake()
 
     def catch_up(self) -> None:
@@ -673,14 +689,16 @@ class GuestAgent:
             # The driver and the VM both announce a hot-added block: once is enough.
             return
         self.events.append(f"t={now:.3f} {described}")
+        fields = {k: v for k, v in data.items() if k not in ("vm", "vm_id", "event")}
+        if self.event_sink is not None:
+            self.event_sink.on_event(kind, fields)
         # Logged by the pump once the messages of this step are sent: a log line costs
         # tens of microseconds, and the hypervisor is waiting for the answer.
-        self._unlogged.append((kind, data))
+        self._unlogged.append((kind, fields))
 
     def _log_events(self) -> None:
         unlogged, self._unlogged = self._unlogged, []
-        for kind, data in unlogged:
-            fields = {k: v for k, v in data.items() if k not in ("vm", "vm_id", "event")}
+        for kind, fields in unlogged:
             if kind in _WARN_EVENTS:
                 self.log.warning(kind, **fields)
             elif kind in _INFO_EVENTS:
@@ -693,6 +711,7 @@ __all__ = [
     "AccessBatcher",
     "AgentError",
     "AgentOptions",
+    "EventSink",
     "GrpcTransport",
     "GuestAgent",
     "Layout",

@@ -9,7 +9,8 @@ services once the first attach built the guest. ``--ready-file`` gets
 ``HOST:PORT`` of that server (atomically) once it listens and the first attach
 succeeded. SIGTERM or SIGINT closes the stream and the server and exits 0; 1 is a
 fatal error (the hypervisor refused the VM for good, or changed its layout), 2 bad
-input.
+input. With ``--mqtt URL`` every guest event and the retained memory map go to an
+MQTT broker (:mod:`guest.mqtt_events`); the guest never waits on it.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import signal
 import socket
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +36,12 @@ from guest.agent import AgentOptions, GrpcTransport, GuestAgent
 from guest.drivers.hv_balloon import MODES, STRATEGIES
 from guest.introspection import GuestControl, GuestIntrospection
 from guest.mm.memory import MMOP_OFFLINE, ONLINE_TYPES
+from guest.mqtt_events import GuestMqtt
+from guest.vm import GuestVm
 from guest.workload import WorkloadError, WorkloadSpec
+from memhp.events import TopicError, check_vm_level
 from memhp.logs import get_logger
+from memhp.mqtt import DEFAULT_QUEUE, MqttPublisher, broker_url_arg, queue_size_arg
 from memhp.v1 import guest_pb2, guest_pb2_grpc
 
 log = get_logger("guest.cli")
@@ -169,6 +174,21 @@ def add_subparser(subparsers: Any) -> None:
         metavar="SPEC",
         help="steady:SIZE or ramp:FROM:TO:SECONDS (movable allocations, e.g. ramp:0:1G:30)",
     )
+    p.add_argument(
+        "--mqtt",
+        type=broker_url_arg,
+        metavar="URL",
+        help="publish every guest event and the retained memory map to this broker "
+        "(mqtt://HOST[:PORT], port 1883 by default); the guest never waits on it",
+    )
+    p.add_argument(
+        "--mqtt-queue",
+        type=queue_size_arg,
+        default=DEFAULT_QUEUE,
+        metavar="N",
+        help="events held while the broker is slow or away; more are dropped and "
+        "counted (default %(default)s)",
+    )
     p.set_defaults(func=_run)
 
 
@@ -239,14 +259,36 @@ def _run(args: argparse.Namespace) -> int:
     except ValueError as err:
         sys.stderr.write(f"memhp guest: {err}\n")
         return EXIT_BAD_INPUT
+    if args.mqtt is not None:
+        try:
+            check_vm_level(args.vm_id)
+        except TopicError as err:
+            sys.stderr.write(f"memhp guest: --vm-id with --mqtt: {err}\n")
+            return EXIT_BAD_INPUT
     return run_async(lambda: serve(args))
+
+
+def _mqtt_sink(args: argparse.Namespace, get_vm: Callable[[], GuestVm | None]) -> GuestMqtt | None:
+    if args.mqtt is None:
+        return None
+    publisher = MqttPublisher(
+        args.mqtt,
+        source="guest",
+        client_id=f"memhp-guest-{args.vm_id}-{os.getpid()}",
+        max_queue=args.mqtt_queue,
+    )
+    sink = GuestMqtt(args.vm_id, publisher, get_vm)
+    publisher.start()
+    log.info("mqtt_publishing", broker=str(args.mqtt), max_queue=args.mqtt_queue)
+    return sink
 
 
 async def serve(args: argparse.Namespace) -> int:
     """The process: introspection server, agent, signals, ready file."""
     structlog.contextvars.bind_contextvars(vm=args.vm_id, component="guest")
     options = options_from_args(args)
-    agent = GuestAgent(options, GrpcTransport(args.hypervisor))
+    sink = _mqtt_sink(args, lambda: agent.vm)
+    agent = GuestAgent(options, GrpcTransport(args.hypervisor), event_sink=sink)
     server = grpc.aio.server()
     guest_pb2_grpc.add_GuestIntrospectionServicer_to_server(
         GuestIntrospection(
@@ -297,6 +339,8 @@ async def serve(args: argparse.Namespace) -> int:
         await asyncio.gather(*tasks, return_exceptions=True)
         await health_servicer.enter_graceful_shutdown()
         await server.stop(SERVER_GRACE)
+        if sink is not None:
+            await sink.aclose()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
     log.info("stopped", exit_code=code)

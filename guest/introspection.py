@@ -5,7 +5,8 @@ driver's ``hv_hotadd_state`` list would show, plus page counts, the invariant fi
 (:func:`guest.invariants.check_guest`: guest-only, or against the host's ground truth
 when the request carries it), whether driver work is pending and how far the DM stream
 is. ``SetBlockState`` is ``echo VALUE > memoryN/state`` with the kernel's
-semantics (:func:`guest.sysfs.sysfs_state_write`); its errno becomes a gRPC status:
+semantics (:func:`guest.sysfs.sysfs_state_write`, through :meth:`GuestVm.write_block_state`
+so the block event names the online type); its errno becomes a gRPC status:
 
 ========  =====================  =====================================================
 errno     status                 when
@@ -48,7 +49,7 @@ from guest.mm.dump import walk_dump
 from guest.mm.errors import MemoryHotplugError
 from guest.mm.memory import HotplugLockBusy, MemoryBlock
 from guest.mm.pages import ALLOCATED, BUDDY, OWNER_BALLOON, PAGE_OFFLINE, RESERVED
-from guest.sysfs import block_files, sysfs_state_write
+from guest.sysfs import block_files
 from guest.vm import GuestVm
 from memhp.logs import get_logger
 from memhp.v1 import guest_pb2, guest_pb2_grpc
@@ -188,7 +189,7 @@ async def set_block_state(vm: GuestVm, index: int, value: str) -> MemoryBlock:
     """
     while True:
         try:
-            sysfs_state_write(vm.mm, index, value)
+            vm.write_block_state(index, value)
         except HotplugLockBusy:
             await asyncio.sleep(LOCK_POLL_SECONDS)
             continue

@@ -34,11 +34,22 @@ from guest.mm.memory import (
     MemoryBlock,
     MemoryManager,
 )
-from guest.mm.notifier import MemoryAction, NotifierErrorInject
+from guest.mm.notifier import (
+    MEM_CANCEL_ONLINE,
+    MEM_OFFLINE,
+    MEM_ONLINE,
+    NOTIFY_OK,
+    MemoryAction,
+    MemoryNotify,
+    NotifierErrorInject,
+)
+from guest.sysfs import sysfs_state_write
 from memhp.dm import DmMessage
 
 #: Driver work a protocol step waits for (user space: udev, sysfs writes, runs on its own).
 PROTOCOL_TASKS = frozenset({"hv_balloon:probe", "hv_balloon:hot_add", "hv_balloon:balloon_up"})
+#: The block events come from a memory notifier called after every other one.
+EVENTS_NOTIFIER_PRIORITY = -10_000
 
 
 @dataclass
@@ -145,9 +156,14 @@ class GuestVm:
         self.window_allocations: list[WindowAllocation] = []
         #: Hooks the checker uses: called at each onlining phase.
         self.phase_observers: list[Callable[[MemoryBlock, str], None]] = []
+        #: What each block in the middle of onlining is onlined as (for its event).
+        self._online_types: dict[int, str] = {}
         self.mm.block_added_hooks.append(self._udev_block_added)
         self.mm.phase_hooks.append(self._on_phase)
         self.mm.access_hooks.append(self._on_access)
+        self.mm.notifier.register(
+            self._block_events, EVENTS_NOTIFIER_PRIORITY, name="guest-block-events"
+        )
 
     # -- events ------------------------------------------------------------------
 
@@ -158,6 +174,33 @@ class GuestVm:
     def _driver_event(self, event_kind: str, data: dict[str, object]) -> None:
         if self._on_event is not None:
             self._on_event(event_kind, dict(data))
+
+    def _block_events(self, action: MemoryAction, arg: MemoryNotify) -> int:
+        """``block_onlined`` / ``block_offlined``, whoever did it (this class, sysfs, the
+        kernel's auto-onlining), like the KOBJ_ONLINE/KOBJ_OFFLINE uevents."""
+        if action not in (MEM_ONLINE, MEM_OFFLINE, MEM_CANCEL_ONLINE):
+            return NOTIFY_OK
+        block = self.mm.block_of(arg.start_pfn)
+        if block is None:
+            return NOTIFY_OK
+        online_type = self._online_types.pop(block.id, None)
+        if action == MEM_ONLINE:
+            # online_type: None when whoever onlined it did not say (a direct mm call).
+            self._emit("block_onlined", block=block.id, online_type=online_type, zone=block.zone)
+        elif action == MEM_OFFLINE:
+            self._emit("block_offlined", block=block.id)
+        return NOTIFY_OK
+
+    def write_block_state(self, block_id: int, value: str) -> None:
+        """``echo value > memoryN/state`` (:func:`guest.sysfs.sysfs_state_write`), with
+        the online type remembered for the block's event."""
+        if value.strip() != "offline":
+            self._online_types[block_id] = value.strip()
+        try:
+            sysfs_state_write(self.mm, block_id, value)
+        except BaseException:
+            self._online_types.pop(block_id, None)
+            raise
 
     # -- the transport side ---------------------------------------------------------
 
@@ -210,8 +253,11 @@ class GuestVm:
                 f"online:memory{block_id}", self._online_task(block_id, online_type, pause)
             )
             return False
-        self.mm.online_block(block_id, online_type)
-        self._emit("block_onlined", block=block_id, online_type=online_type)
+        self._online_types[block_id] = online_type
+        try:
+            self.mm.online_block(block_id, online_type)
+        finally:
+            self._online_types.pop(block_id, None)
         return True
 
     def offline_block(self, block_id: int) -> bool:
@@ -221,7 +267,6 @@ class GuestVm:
             self.scheduler.spawn(f"offline:memory{block_id}", self._offline_task(block_id))
             return False
         self.mm.offline_block(block_id)
-        self._emit("block_offlined", block=block_id)
         return True
 
     def _offline_task(self, block_id: int) -> Task:
@@ -231,8 +276,6 @@ class GuestVm:
             self.mm.offline_block(block_id)
         except MemoryHotplugError as err:
             self._emit("offline_failed", block=block_id, errno=err.name, message=err.message)
-            return
-        self._emit("block_offlined", block=block_id)
 
     def _check_block(self, block_id: int) -> None:
         """No ``memoryN`` directory: the write fails to open it (-ENOENT), as in sysfs."""
@@ -251,6 +294,7 @@ class GuestVm:
     def _online_task(self, block_id: int, online_type: str, pause: float) -> Task:
         while True:
             try:
+                self._online_types[block_id] = online_type
                 steps = self.mm.online_pages_steps(block_id, online_type)
                 for phase in steps:
                     if phase == PHASE_CALLBACKS_DONE and pause > 0:
@@ -261,10 +305,14 @@ class GuestVm:
             except MemoryHotplugError as err:
                 self._emit("online_failed", block=block_id, errno=err.name, message=err.message)
                 return
-        self._emit("block_onlined", block=block_id, online_type=online_type)
+            finally:
+                self._online_types.pop(block_id, None)
 
     def _udev_block_added(self, block: MemoryBlock) -> None:
         self._emit("block_added", block=block.id, start_pfn=block.start_pfn)
+        if self.mm.auto_online_blocks != MMOP_OFFLINE:
+            # add_memory onlines it right after this uevent (auto_online_blocks).
+            self._online_types[block.id] = self.mm.auto_online_blocks
         if self.config.udev_online_type is None:
             return
         self.scheduler.spawn(f"udev:memory{block.id}", self._udev_task(block.id))

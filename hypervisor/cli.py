@@ -4,7 +4,7 @@
                      [--config FILE] [--default-boot-memory 4G]
                      [--default-max-memory 16G] [--default-block-size 128M]
                      [--no-default-vm] [--profile default|qemu] [--tick 0.1]
-                     [--grace 2]
+                     [--grace 2] [--mqtt mqtt://HOST[:PORT] [--mqtt-queue 10000]]
 
 Exit status 0 after a graceful shutdown (SIGTERM, SIGINT), 1 when the address cannot
 be bound, 2 for bad arguments, a bad VM file or a state file this version cannot use.
@@ -22,6 +22,7 @@ from hypervisor.dm_host import QEMU_POST_INIT_DELAY
 from hypervisor.runtime import Defaults
 from hypervisor.store import StateFileError
 from hypervisor.vm import VmConfig
+from memhp.mqtt import DEFAULT_QUEUE, broker_url_arg, queue_size_arg
 from memhp.units import SizeError, parse_pages
 
 EXIT_BAD_INPUT = 2
@@ -105,6 +106,21 @@ def add_subparser(subparsers: Any) -> None:
         metavar="SECONDS",
         help="shutdown grace period for open streams (default %(default)s)",
     )
+    p.add_argument(
+        "--mqtt",
+        type=broker_url_arg,
+        metavar="URL",
+        help="publish every event and each VM's retained state to this broker "
+        "(mqtt://HOST[:PORT], port 1883 by default); the protocol never waits on it",
+    )
+    p.add_argument(
+        "--mqtt-queue",
+        type=queue_size_arg,
+        default=DEFAULT_QUEUE,
+        metavar="N",
+        help="events held while the broker is slow or away; more are dropped and "
+        "counted (default %(default)s)",
+    )
     p.set_defaults(func=main)
 
 
@@ -143,6 +159,8 @@ def main(args: argparse.Namespace) -> int:
         post_init_delay=PROFILES[args.profile],
         tick=args.tick,
         grace=args.grace,
+        mqtt=args.mqtt,
+        mqtt_queue=args.mqtt_queue,
     )
     try:
         return run_async(lambda: serve(opts))

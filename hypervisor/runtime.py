@@ -100,11 +100,28 @@ class Subscription:
         )
 
 
+#: A direct consumer of every event (the MQTT publisher): called in line, must not block.
+EventSink = Callable[[PublishedEvent], None]
+
+
 class EventHub:
-    """Fans events out to watchers; a watcher that falls behind is cut off, never waited for."""
+    """Fans events out to watchers and sinks; nobody is ever waited for.
+
+    A watcher that falls behind is cut off. A sink is called in line with every event
+    and must only hand it on without blocking (the MQTT publisher queues it, bounded by
+    its own queue); a sink that raises is logged and the event goes on to the others.
+    """
 
     def __init__(self) -> None:
         self._subs: set[Subscription] = set()
+        self._sinks: list[EventSink] = []
+
+    def add_sink(self, sink: EventSink) -> None:
+        self._sinks.append(sink)
+
+    def remove_sink(self, sink: EventSink) -> None:
+        if sink in self._sinks:
+            self._sinks.remove(sink)
 
     def subscribe(self, vm_ids: Iterable[str] = (), kinds: Iterable[str] = ()) -> Subscription:
         sub = Subscription(vm_ids, kinds)
@@ -115,6 +132,11 @@ class EventHub:
         self._subs.discard(sub)
 
     def publish(self, event: PublishedEvent) -> None:
+        for sink in self._sinks:
+            try:
+                sink(event)
+            except Exception:
+                log.exception("event_sink_failed", vm=event.vm_id, kind=event.kind)
         for sub in list(self._subs):
             if sub.wants(event):
                 try:
@@ -389,7 +411,7 @@ class Hypervisor:
         if txn is not None and session.in_flight is not txn:
             sent = handle.sent_at if handle.sent_txn is txn else txn.started
             handle.round_trips.record(now - sent)
-        if len(session.protocol_errors) == errors:
+        if out and len(session.protocol_errors) == errors:
             # The critical path: the next request goes out first; publishing, logging and
             # the state file follow on the next turn of the loop, after the stream writer
             # (woken by the send) has handed the request to gRPC.

@@ -1,9 +1,11 @@
 """The ``memhp hypervisor`` process: a grpc.aio server around :class:`Hypervisor`.
 
 Serves the DM channel, ``Control``, gRPC health (SERVING for "" and each service) and
-reflection (so grpcurl works), ticks the host sessions, and shuts down gracefully on
-SIGTERM or SIGINT: health goes NOT_SERVING, guest streams and watchers end, the
-server stops with a grace period, the state file is closed.
+reflection (so grpcurl works), ticks the host sessions, publishes events and each VM's
+state to MQTT with ``--mqtt`` (:mod:`hypervisor.mqtt_events`), and shuts down
+gracefully on SIGTERM or SIGINT: health goes NOT_SERVING, guest streams and watchers
+end, the server stops with a grace period, the last states go to the broker, the state
+file is closed.
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ from grpc_reflection.v1alpha import reflection
 
 from hypervisor.channel import DynamicMemoryServicer
 from hypervisor.control import ControlServicer
+from hypervisor.mqtt_events import HostMqtt
 from hypervisor.runtime import Defaults, Hypervisor, ServiceError
 from hypervisor.store import StateStore
 from hypervisor.vm import VmConfig
 from memhp.logs import get_logger
+from memhp.mqtt import DEFAULT_QUEUE, BrokerUrl, MqttPublisher
 from memhp.v1 import control_pb2, control_pb2_grpc, dm_pb2, dm_pb2_grpc
 
 log = get_logger("hypervisor.server")
@@ -51,6 +55,9 @@ class Options:
     post_init_delay: float = 0.0
     tick: float = 0.1
     grace: float = 2.0
+    #: Publish events and state here (None: no MQTT at all).
+    mqtt: BrokerUrl | None = None
+    mqtt_queue: int = DEFAULT_QUEUE
 
 
 def write_ready_file(path: Path, address: str) -> None:
@@ -85,11 +92,35 @@ async def _ticker(hv: Hypervisor, interval: float, stop: asyncio.Event) -> None:
             log.exception("tick_failed")
 
 
+def _start_mqtt(hv: Hypervisor, opts: Options) -> HostMqtt | None:
+    if opts.mqtt is None:
+        return None
+    publisher = MqttPublisher(
+        opts.mqtt,
+        source="host",
+        client_id=f"memhp-hypervisor-{os.getpid()}",
+        max_queue=opts.mqtt_queue,
+    )
+    bridge = HostMqtt(hv, publisher)
+    bridge.start()
+    publisher.start()
+    log.info("mqtt_publishing", broker=str(opts.mqtt), max_queue=opts.mqtt_queue)
+    return bridge
+
+
+async def _stop(store: StateStore, bridge: HostMqtt | None) -> None:
+    if bridge is not None:
+        await bridge.aclose()
+    store.close()
+
+
 async def serve(opts: Options) -> int:
     structlog.contextvars.bind_contextvars(component="hypervisor")
     store = StateStore(opts.state)
     hv = Hypervisor(store, defaults=opts.defaults, post_init_delay=opts.post_init_delay)
     hv.load()
+    # Before the VMs of --config are made: their vm_created events go out too.
+    bridge = _start_mqtt(hv, opts)
     for config in opts.vms:
         existing = hv.vms.get(config.vm_id)
         if existing is None:
@@ -97,7 +128,7 @@ async def serve(opts: Options) -> int:
                 hv.create_vm(config)
             except ServiceError as err:
                 log.error("bad_vm_definition", vm=config.vm_id, error=str(err))
-                store.close()
+                await _stop(store, bridge)
                 return 2
         elif existing.config != config:
             log.warning(
@@ -119,7 +150,7 @@ async def serve(opts: Options) -> int:
         port = server.add_insecure_port(opts.listen)
     except RuntimeError as err:
         log.error("listen_failed", listen=opts.listen, error=str(err))
-        store.close()
+        await _stop(store, bridge)
         return 1
     await server.start()
     for name in ("", *SERVICE_NAMES):
@@ -146,6 +177,6 @@ async def serve(opts: Options) -> int:
         ticker.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await ticker
-        store.close()
+        await _stop(store, bridge)
         log.info("stopped")
     return 0

@@ -13,7 +13,7 @@ def configure_logging(
     level: str = "info", *, json: bool = False, stream: TextIO | None = None
 ) -> None:
     """Route structlog (and stdlib logging) to ``stream`` (stderr by default)."""
-    out = stream or sys.stderr
+    out: TextIO | _CurrentStderr = stream or _CurrentStderr()
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
@@ -28,9 +28,8 @@ def configure_logging(
         if json
         else [*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(out),
-        # Resolved once per logger: a lazy proxy re-reads the configuration on every call.
-        cache_logger_on_first_use=True,
+        logger_factory=structlog.PrintLoggerFactory(out),  # type: ignore[arg-type]
+        cache_logger_on_first_use=False,
     )
     handler = logging.StreamHandler(out)
     handler.setFormatter(
@@ -44,12 +43,28 @@ def configure_logging(
     root.setLevel(numeric)
 
 
+class _CurrentStderr:
+    """Whatever ``sys.stderr`` is at each write, not what it was when logging was set up:
+    a test that captures stderr for a while must not leave later log lines writing to
+    its closed buffer."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+def _stderr_logger(*args: object) -> structlog.PrintLogger:
+    return structlog.PrintLogger(_CurrentStderr())  # type: ignore[arg-type]
+
+
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:
     """A module logger; quiet (warnings and up, on stderr) until a process configures logging."""
     if not structlog.is_configured():
         structlog.configure(
             wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
-            logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+            logger_factory=_stderr_logger,
         )
     logger: structlog.stdlib.BoundLogger = structlog.get_logger(name)
     return logger

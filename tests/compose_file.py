@@ -26,10 +26,8 @@ DOCKERFILE = ROOT / "Dockerfile"
 #: The image every memhp service runs (entrypoint ``memhp``).
 MEMHP_IMAGE = "memhp-emu:latest"
 
-# TODO(mqtt branch): remove this entry once `memhp hypervisor --mqtt URL` and
-# `memhp guest --mqtt URL` are merged; the compose commands are then parsed (and the
-# netns test run) with --mqtt as written.
-PENDING_OPTIONS: dict[str, str] = {"--mqtt": "mqtt"}
+#: Options a service's command may carry before the branch that brings them is merged.
+PENDING_OPTIONS: dict[str, str] = {}
 # TODO(view branch): remove this entry once `memhp watch --hypervisor ADDR` is merged.
 PENDING_COMMANDS: dict[str, str] = {"watch": "view"}
 

@@ -526,7 +526,9 @@ class HvBalloon:
             if start_pfn > has.start_pfn and self.mm.online_section_nr(
                 start_pfn // PAGES_PER_SECTION
             ):
+                before = self.counters.num_pages_onlined
                 self.hv_bring_pgs_online(has, start_pfn, pgs_ol)
+                self._pages_onlined(start_pfn, start_pfn + pgs_ol, before)
         if has.ha_end_pfn < has.end_pfn and pfn_cnt > 0:
             size = has.end_pfn - has.ha_end_pfn
             if pfn_cnt <= size:
@@ -589,10 +591,18 @@ class HvBalloon:
         Blocks in the middle of onlining are left to the MEM_ONLINE re-check; offline
         blocks to the online callback.
         """
+        before = self.counters.num_pages_onlined
         for bs, be in self.mm._split_by_block(start, end):
             block = self.mm.block_of(bs)
             if block is not None and block.state == "online":
                 self.hv_bring_pgs_online(has, bs, be - bs)
+        self._pages_onlined(start, end, before)
+
+    def _pages_onlined(self, start: int, end: int, before: int) -> None:
+        """Announce what later backing brought online in ``[start, end)`` (not block onlining)."""
+        pages = self.counters.num_pages_onlined - before
+        if pages > 0:
+            self._event("pages_onlined", start_pfn=start, end_pfn=end, pages=pages)
 
     def _hv_mem_hot_add(
         self, start: int, size: int, pfn_count: int, has: HvHotaddState
@@ -743,8 +753,10 @@ class HvBalloon:
 
     def _online_backed_leftovers(self, start: int, end: int) -> None:
         """Fixed mode (E3): pages backed while the block was onlining go online now."""
+        before = self.counters.num_pages_onlined
         for has, lo, hi in self._regions_in(start, end):
             self.hv_bring_pgs_online(has, lo, hi - lo)
+        self._pages_onlined(start, end, before)
 
     # -- balloon -----------------------------------------------------------------------
 
@@ -807,6 +819,7 @@ class HvBalloon:
 
     def _balloon_down(self, msg: UnballoonRequest) -> None:
         """``balloon_down`` → ``free_balloon_pages`` (no validation upstream: E6)."""
+        freed = 0
         for rng in msg.ranges:
             start, end = rng.start_page, rng.end_page
             for s, e, state in list(self.mm.pages.runs(start, end)):
@@ -821,6 +834,8 @@ class HvBalloon:
                 self.mm.free_offline_pages(s, e)
                 self.mm.adjust_managed_range(s, e, +1)
                 self.counters.num_pages_ballooned -= e - s
+                freed += e - s
+        self._event("unballooned", pages=freed, more_pages=msg.more_pages)
         if not msg.more_pages:
             self.state = DM_INITIALIZED
             self._send(UnballoonResponse(self._next_trans_id()))
