@@ -23,7 +23,13 @@ from memhp.logs import configure_logging
 from memhp.units import format_size
 
 #: Modules with ``add_subparser(subparsers)``: ``memhp hypervisor``, ``memhp guest``, ...
-PROCESS_COMMANDS: tuple[str, ...] = ("memhp.trace", "guest.cli", "hypervisor.cli", "memhp.ctl")
+PROCESS_COMMANDS: tuple[str, ...] = (
+    "memhp.trace",
+    "guest.cli",
+    "hypervisor.cli",
+    "memhp.ctl",
+    "memhp.watch",
+)
 
 EXIT_OK = 0
 EXIT_FAILED = 1

@@ -81,6 +81,8 @@ class GrpcSource:
         self.channel = grpc.aio.insecure_channel(hypervisor)
         self.control: Any = control_pb2_grpc.ControlStub(self.channel)
         self._guest_channels: dict[str, grpc.aio.Channel] = {}
+        #: Set once the hypervisor has the event subscription (cleared while it is broken).
+        self.subscribed = asyncio.Event()
         fleet.source = f"hypervisor {hypervisor}"
 
     async def __aenter__(self) -> GrpcSource:
@@ -147,6 +149,8 @@ class GrpcSource:
         while True:
             call = self.control.WatchEvents(request)
             try:
+                await call.initial_metadata()
+                self.subscribed.set()
                 async for event in call:
                     self.fleet.apply_event(event)
                     if on_event is not None:
@@ -154,16 +158,9 @@ class GrpcSource:
             except grpc.aio.AioRpcError as err:
                 log.debug("event stream broke", error=_why(err))
             finally:
+                self.subscribed.clear()
                 call.cancel()
             await asyncio.sleep(REWATCH_DELAY)
-
-    async def subscribed(self) -> None:
-        """Open and close one event stream: the hypervisor answers (for a quick check)."""
-        call = self.control.WatchEvents(control_pb2.WatchEventsRequest())
-        try:
-            await asyncio.wait_for(call.initial_metadata(), self.timeout)
-        finally:
-            call.cancel()
 
     async def run(self, refresh: float = DEFAULT_REFRESH) -> None:
         """Poll every ``refresh`` seconds and follow the events, until cancelled."""
