@@ -27,8 +27,10 @@ needs_lsmem = pytest.mark.skipif(not Path(LSMEM).exists(), reason="util-linux ls
 
 
 def memhp_command() -> list[str]:
-    exe = shutil.which("memhp")
-    return [exe] if exe else [sys.executable, "-m", "memhp.cli"]
+    """This interpreter's ``memhp`` script (another ``memhp`` on PATH may be another
+    install of the project), else ``python -m memhp.cli``."""
+    exe = Path(sys.executable).with_name("memhp")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "memhp.cli"]
 
 
 def memhp(*args: str | Path) -> subprocess.CompletedProcess[str]:
