@@ -173,10 +173,7 @@ def timeline_svg(timeline: Timeline) -> str:
             return round(y0 + TOP + CHART_HEIGHT * (1 - v / ymax), 2)
 
         out.append(f"<g class='chart' data-vm={quoteattr(vm)}>")
-        out.append(
-            f"<text x='{LEFT}' y='{y0 + 14}' {TITLE_FONT}>"
-            f"{escape(vm)}</text>"
-        )
+        out.append(f"<text x='{LEFT}' y='{y0 + 14}' {TITLE_FONT}>{escape(vm)}</text>")
         lx = LEFT + 12 + 8 * len(vm)
         for name in SERIES:
             dash = f" stroke-dasharray='{DASHES[name]}'" if name in DASHES else ""
