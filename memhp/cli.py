@@ -30,6 +30,7 @@ PROCESS_COMMANDS: tuple[str, ...] = (
     "hypervisor.cli",
     "memhp.ctl",
     "memhp.watch",
+    "memhp.demo",
 )
 
 EXIT_OK = 0
