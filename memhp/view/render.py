@@ -178,11 +178,12 @@ def vm_panel(view: VmView, width: int, *, events: int | None = None) -> Panel:
     if view.cells:
         cells, per_cell = map_text(view.cells, inner)
         parts += [map_caption(view, per_cell), cells, legend(view)]
+        if view.map_source == MAP_HOST:
+            note = view.map_note or "the host's backing only"
+            parts.append(Text(f"host-only map: {note}", style="yellow"))
     else:
-        parts.append(Text("no block map yet", style="dim"))
-    if view.map_source == MAP_HOST or view.map_note:
-        note = view.map_note or "the host's backing only"
-        parts.append(Text(f"host-only map: {note}", style="yellow"))
+        note = f": {view.map_note}" if view.map_note else ""
+        parts.append(Text(f"no block map yet{note}", style="dim"))
     parts.append(violations_text(view))
     if events != 0:
         parts.append(events_text(view, events))

@@ -82,7 +82,7 @@ def map_svg(view: VmView, *, columns: int = COLUMNS, max_cells: int = MAX_CELLS)
     if view.in_flight is not None:
         notes.append(f"in flight: {view.in_flight.text()}")
     notes.append(f"violations: {view.violations}")
-    if view.map_source == MAP_HOST or view.map_note:
+    if view.map_source == MAP_HOST:
         notes.append(f"host-only map: {view.map_note or 'the host backing only'}")
     height = legend_top + LINE * (len(CELLS) + len(notes)) + MARGIN
     out = [

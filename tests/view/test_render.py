@@ -9,7 +9,7 @@ from rich.console import Console, RenderableType
 from memhp.view.layout import layout
 from memhp.view.model import Fleet
 from memhp.view.render import GLYPHS, fleet_view, map_text, vm_panel
-from tests.view.helpers import event_pb, memory_pb, vm_pb
+from tests.view.helpers import event_pb, memory_pb, mqtt_state, vm_pb
 
 WIDTH = 80
 
@@ -90,6 +90,15 @@ def test_host_only_map_says_so() -> None:
     out = text_of(vm_panel(fleet.vms["g1"], WIDTH))
     assert "host-only map: no guest attached" in out
     assert "no events yet" in out
+
+
+def test_waiting_for_the_guest_over_mqtt_is_not_a_host_map() -> None:
+    fleet = Fleet()
+    fleet.apply_mqtt("memhp/v1/vm/g1/state", mqtt_state("g1"))
+    out = text_of(vm_panel(fleet.vms["g1"], WIDTH))
+    assert "no block map yet: waiting for the guest's retained document" in out
+    assert "host-only" not in out
+    assert "in flight hot_add trans_id=7 76800 pages" in out
 
 
 def test_aggregated_map_says_how_many_blocks_a_cell_holds() -> None:
