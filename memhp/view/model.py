@@ -118,7 +118,8 @@ class VmView:
     committed_bytes: int = 0
     available_bytes: int = 0
     ballooned_bytes: int = 0
-    #: What the host backs now (boot plus hot-added backing, minus ballooned).
+    #: What the host backed through hot-add: the regions' backed pages (the MQTT state
+    #: document's ``backed_bytes``).
     backed_bytes: int = 0
     regions: int = 0
     busy: bool = False
@@ -203,8 +204,10 @@ class Fleet:
         view.committed_bytes = vm.committed_bytes
         view.available_bytes = vm.available_bytes
         view.ballooned_bytes = vm.ballooned_bytes
-        if vm.backed or vm.regions:
-            view.backed_bytes = sum(r.page_cnt for r in vm.backed) << PAGE_SHIFT
+        if vm.regions or vm.backed:  # GetVm (a ListVms summary has neither)
+            view.backed_bytes = (
+                sum(r.page_cnt for region in vm.regions for r in region.backed) << PAGE_SHIFT
+            )
             view.regions = len(vm.regions)
         view.busy = vm.busy
         view.in_flight = (

@@ -103,13 +103,13 @@ def _pairs(text: Text, pairs: list[tuple[str, str]]) -> Text:
 
 
 def sizes_text(view: VmView) -> Text:
-    """The host's sizes: target, actual, backed, ballooned, regions."""
+    """The host's sizes: target, actual, hot-add backed, ballooned, regions."""
     return _pairs(
         Text(),
         [
             ("target", _size(view.requested_bytes)),
             ("actual", format_size(view.actual_bytes)),
-            ("backed", format_size(view.backed_bytes)),
+            ("hot-add backed", format_size(view.backed_bytes)),
             ("ballooned", format_size(view.ballooned_bytes)),
             ("regions", str(view.regions)),
         ],

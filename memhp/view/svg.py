@@ -60,7 +60,7 @@ def title_lines(view: VmView) -> list[str]:
         f"committed {format_size(view.committed_bytes)}, "
         f"available {format_size(view.available_bytes)}, "
         f"ballooned {format_size(view.ballooned_bytes)}, "
-        f"backed {format_size(view.backed_bytes)}",
+        f"hot-add backed {format_size(view.backed_bytes)}",
     ]
 
 

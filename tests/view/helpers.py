@@ -123,7 +123,7 @@ def mqtt_state(vm: str, **overrides: Any) -> str:
         "busy": True,
         "in_flight": {"kind": "hot_add", "trans_id": 7, "pages": 76800},
         "regions": 1,
-        "backed_bytes": 4 * GIB + 300 * MIB,
+        "backed_bytes": 300 * MIB,
         "guest_address": "127.0.0.1:50061",
         "mqtt": {"published": 12, "dropped": 0},
     }
