@@ -366,8 +366,11 @@ class GuestAgent:
         self.frames_dropped = 0
         #: Recent guest events, oldest first (the trace of a violation).
         self.events: deque[str] = deque(maxlen=TRACE_EVENTS)
+        self._unlogged: list[tuple[str, dict[str, Any]]] = []
         self._link: Link | None = None
         self._wake = asyncio.Event()
+        #: One step at a time: the pump's or the reader's (frames are answered inline).
+        self._step_lock = asyncio.Lock()
         self._t0 = 0.0
         self._access = AccessBatcher(options.access_batch)
         self._sysfs_dirty = False
@@ -533,6 +536,12 @@ class GuestAgent:
             kind = msg.WhichOneof("msg")
             if kind == "frame":
                 self._on_frame(msg.frame)
+                if self.attached.is_set():
+                    # Answer from here: the host waits, and a hop through the pump task
+                    # costs a turn of the loop. The pump still runs for its timers.
+                    async with self._step_lock:
+                        await self._step(self.elapsed())
+                    continue
             elif kind == "error":
                 self._on_host_error(msg.error)
             else:
@@ -568,13 +577,13 @@ class GuestAgent:
         assert vm is not None
         while True:
             self._wake.clear()
-            now = self.elapsed()
-            vm.run_until(now)
-            await self._send(vm.drain_outbox(), now)
-            if self._access.due(now):
-                await self._flush_access()
-            self._sync_sysfs(now)
-            timeout = self._timeout(vm, now)
+            async with self._step_lock:
+                now = self.elapsed()
+                await self._step(now)
+                if self._access.due(now):
+                    await self._flush_access()
+                self._sync_sysfs(now)
+                timeout = self._timeout(vm, now)
             if timeout is None:
                 await self._wake.wait()
             elif timeout > 0:
@@ -583,6 +592,14 @@ class GuestAgent:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(timeout):
                         await self._wake.wait()
+
+    async def _step(self, now: float) -> None:
+        """Run the guest up to ``now`` and send what it says (under ``_step_lock``)."""
+        vm = self.vm
+        assert vm is not None
+        vm.run_until(now)
+        await self._send(vm.drain_outbox(), now)
+        self._log_events()
 
     def _timeout(self, vm: GuestVm, now: float) -> float | None:
         deadlines = [vm.next_deadline(), self._access.deadline if self._link else None]
@@ -656,13 +673,20 @@ class GuestAgent:
             # The driver and the VM both announce a hot-added block: once is enough.
             return
         self.events.append(f"t={now:.3f} {described}")
-        fields = {k: v for k, v in data.items() if k not in ("vm", "vm_id", "event")}
-        if kind in _WARN_EVENTS:
-            self.log.warning(kind, **fields)
-        elif kind in _INFO_EVENTS:
-            self.log.info(kind, **fields)
-        else:
-            self.log.debug(kind, **fields)
+        # Logged by the pump once the messages of this step are sent: a log line costs
+        # tens of microseconds, and the hypervisor is waiting for the answer.
+        self._unlogged.append((kind, data))
+
+    def _log_events(self) -> None:
+        unlogged, self._unlogged = self._unlogged, []
+        for kind, data in unlogged:
+            fields = {k: v for k, v in data.items() if k not in ("vm", "vm_id", "event")}
+            if kind in _WARN_EVENTS:
+                self.log.warning(kind, **fields)
+            elif kind in _INFO_EVENTS:
+                self.log.info(kind, **fields)
+            else:
+                self.log.debug(kind, **fields)
 
 
 __all__ = [

@@ -2,7 +2,10 @@
 
 Dials the hypervisor's DM channel as one VM, runs the emulated guest (memory model,
 ``hv_balloon`` driver, udev, an optional workload) in real time, and serves its
-``GuestIntrospection`` and ``GuestControl`` on ``--listen``. ``--ready-file`` gets
+``GuestIntrospection``, ``GuestControl`` and gRPC health on ``--listen``. The VM id is
+``--vm-id``, else ``$MEMHP_VM_ID``, else the hostname (a container replica names its
+VM after itself). Health: "" is SERVING while the DM stream is attached, the two
+services once the first attach built the guest. ``--ready-file`` gets
 ``HOST:PORT`` of that server (atomically) once it listens and the first attach
 succeeded. SIGTERM or SIGINT closes the stream and the server and exits 0; 1 is a
 fatal error (the hypervisor refused the VM for good, or changed its layout), 2 bad
@@ -18,12 +21,15 @@ import math
 import os
 import signal
 import socket
+import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import grpc
 import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from guest.agent import AgentOptions, GrpcTransport, GuestAgent
 from guest.drivers.hv_balloon import MODES, STRATEGIES
@@ -31,15 +37,27 @@ from guest.introspection import GuestControl, GuestIntrospection
 from guest.mm.memory import MMOP_OFFLINE, ONLINE_TYPES
 from guest.workload import WorkloadError, WorkloadSpec
 from memhp.logs import get_logger
-from memhp.v1 import guest_pb2_grpc
+from memhp.v1 import guest_pb2, guest_pb2_grpc
 
 log = get_logger("guest.cli")
+
+#: The environment variable ``--vm-id`` falls back to (then the hostname).
+VM_ID_ENV = "MEMHP_VM_ID"
 
 EXIT_OK = 0
 EXIT_FATAL = 1
 EXIT_BAD_INPUT = 2
 #: Seconds in-flight introspection calls get when the agent stops.
 SERVER_GRACE = 0.5
+#: Seconds between looks at the DM link for the health status of "".
+HEALTH_POLL = 0.2
+#: ``grpc_health.v1.health.aio`` (the installed stubs predate it).
+_HEALTH_AIO: Any = health.aio  # type: ignore[attr-defined]
+#: The services whose health the agent reports (besides "", the agent as a whole).
+SERVICE_NAMES = (
+    guest_pb2.DESCRIPTOR.services_by_name["GuestIntrospection"].full_name,
+    guest_pb2.DESCRIPTOR.services_by_name["GuestControl"].full_name,
+)
 
 
 def _number(minimum: float, *, strict: bool, unit: str = "seconds") -> Any:
@@ -75,7 +93,13 @@ def add_subparser(subparsers: Any) -> None:
         "SIGTERM/SIGINT, 1 on a fatal error, 2 on bad input.",
     )
     p.add_argument("--hypervisor", required=True, metavar="ADDR", help="HOST:PORT of the DM server")
-    p.add_argument("--vm-id", required=True, metavar="ID")
+    p.add_argument(
+        "--vm-id",
+        metavar="ID",
+        help=f"the VM this guest is (default: ${VM_ID_ENV}, else this host's name, so a "
+        "container's hostname names its VM); the hypervisor checks it: 1-64 letters, "
+        "digits, '.', '_' or '-', starting with a letter or digit",
+    )
     p.add_argument(
         "--listen",
         default="127.0.0.1:0",
@@ -148,6 +172,28 @@ def add_subparser(subparsers: Any) -> None:
     p.set_defaults(func=_run)
 
 
+def resolve_vm_id(flag: str | None, environ: Mapping[str, str] | None = None) -> str:
+    """The VM id: ``--vm-id``, else ``$MEMHP_VM_ID`` (when not empty), else the hostname.
+
+    A container started by ``docker compose up --scale guest=N`` is told nothing but
+    its hostname, which is what makes each replica a VM of its own. An empty id is
+    refused here; its form is the hypervisor's to check at attach, as for ``--vm-id``
+    (an INVALID_ARGUMENT there is fatal: the agent exits 1).
+    """
+    if flag is not None:
+        if not flag.strip():
+            raise ValueError("--vm-id is empty")
+        return flag
+    env = os.environ if environ is None else environ
+    value = env.get(VM_ID_ENV, "").strip()
+    if value:
+        return value
+    hostname = socket.gethostname()
+    if not hostname:
+        raise ValueError(f"no --vm-id, no ${VM_ID_ENV} and no hostname to take the VM id from")
+    return hostname
+
+
 def options_from_args(args: argparse.Namespace) -> AgentOptions:
     return AgentOptions(
         vm_id=args.vm_id,
@@ -188,6 +234,11 @@ def write_ready_file(path: Path, address: str) -> None:
 def _run(args: argparse.Namespace) -> int:
     from memhp.cli import run_async
 
+    try:
+        args.vm_id = resolve_vm_id(args.vm_id)
+    except ValueError as err:
+        sys.stderr.write(f"memhp guest: {err}\n")
+        return EXIT_BAD_INPUT
     return run_async(lambda: serve(args))
 
 
@@ -206,6 +257,12 @@ async def serve(args: argparse.Namespace) -> int:
     guest_pb2_grpc.add_GuestControlServicer_to_server(
         GuestControl(lambda: agent.vm, on_change=agent.state_changed), server
     )
+    health_servicer = _HEALTH_AIO.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    # Nothing serves until the first attach built the guest (the servicer says SERVING
+    # for "" by default).
+    for name in ("", *SERVICE_NAMES):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     try:
         port = server.add_insecure_port(args.listen)
     except RuntimeError as err:
@@ -225,6 +282,7 @@ async def serve(args: argparse.Namespace) -> int:
     agent_task = asyncio.create_task(agent.run(), name="agent")
     stop_task = asyncio.create_task(stop.wait(), name="stop")
     ready_task = asyncio.create_task(_ready_when_attached(agent, args.ready_file, address))
+    health_task = asyncio.create_task(_report_health(agent, health_servicer), name="health")
     code = EXIT_OK
     try:
         done, _ = await asyncio.wait({agent_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
@@ -233,14 +291,41 @@ async def serve(args: argparse.Namespace) -> int:
         else:
             log.info("stopping", reason="signal")
     finally:
-        for task in (agent_task, stop_task, ready_task):
+        tasks = (agent_task, stop_task, ready_task, health_task)
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(agent_task, stop_task, ready_task, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await health_servicer.enter_graceful_shutdown()
         await server.stop(SERVER_GRACE)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
     log.info("stopped", exit_code=code)
     return code
+
+
+async def _report_health(agent: GuestAgent, servicer: Any) -> None:
+    """gRPC health of the agent.
+
+    The introspection services serve once the first attach built the guest (before
+    that they have nothing to answer with) and go on serving through reconnects; ""
+    (the agent as a whole, what a container health check asks) serves while the DM
+    stream is attached. The agent has no hook for its link going up and down, so this
+    polls it.
+    """
+    await agent.attached.wait()
+    for name in SERVICE_NAMES:
+        await servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    serving: bool | None = None
+    while True:
+        if agent.connected != serving:
+            serving = agent.connected
+            status = (
+                health_pb2.HealthCheckResponse.SERVING
+                if serving
+                else (health_pb2.HealthCheckResponse.NOT_SERVING)
+            )
+            await servicer.set("", status)
+        await asyncio.sleep(HEALTH_POLL)
 
 
 async def _ready_when_attached(agent: GuestAgent, path: Path | None, address: str) -> None:

@@ -40,9 +40,15 @@ _HOT_ADD_FIELDS: Final = {
     "region_pages": "region_bytes",
     "backed_pages": "backed_bytes",
     "offset_pages": "offset_bytes",
+    "count": "count",
 }
 # "region": no region to back (or the newest takes no more): the VM is to blame.
-_BACK_FIELDS: Final = {"pages": "size_bytes", "start_page": "start_page", "region": "vm_id"}
+_BACK_FIELDS: Final = {
+    "pages": "size_bytes",
+    "start_page": "start_page",
+    "region": "vm_id",
+    "remaining": "remaining",
+}
 _SIZE_FIELDS: Final = {"pages": "size_bytes"}
 _POLICY_FIELDS: Final = {
     "buffer_percent": "buffer_percent",
@@ -146,6 +152,7 @@ def vm_to_pb(handle: VmHandle, *, full: bool = True) -> control_pb2.Vm:
         frames_sent=handle.frames_sent,
         violation_events=handle.violation_events,
         guest_address=handle.guest_address,
+        transactions=round_trips_pb(handle),
     )
     if full:
         vm.backed.extend(ranges_to_pb(s.backed.ranges()))
@@ -168,6 +175,17 @@ def vm_to_pb(handle: VmHandle, *, full: bool = True) -> control_pb2.Vm:
             )
         )
     return vm
+
+
+def round_trips_pb(handle: VmHandle) -> control_pb2.TransactionStats:
+    trips = handle.round_trips
+    return control_pb2.TransactionStats(
+        completed=trips.completed,
+        window=len(trips.recent),
+        p50_ms=trips.percentile(50) * 1e3,
+        p99_ms=trips.percentile(99) * 1e3,
+        max_ms=max(trips.recent, default=0.0) * 1e3,
+    )
 
 
 def event_to_pb(event: PublishedEvent) -> control_pb2.Event:
@@ -262,14 +280,23 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
                     f"region_bytes {request.region_bytes}",
                 )
             with_region = not request.range_only
+            count = request.count or 1
             return lambda s, now: s.hot_add(
-                region, backed, now, offset_pages=offset, with_region=with_region
+                region, backed, now, offset_pages=offset, with_region=with_region, count=count
             )
 
         return await self._command(context, request.vm_id, _HOT_ADD_FIELDS, prepare)
 
     async def Back(self, request: control_pb2.BackCommand, context: Context) -> control_pb2.Vm:
         def prepare() -> Callable[[DmHostSession, float], list[dm.DmMessage]]:
+            if request.remaining:
+                if request.size_bytes or request.HasField("start_page"):
+                    raise ServiceError(
+                        "invalid_argument",
+                        "remaining",
+                        "backs everything left: leave size_bytes and start_page unset",
+                    )
+                return lambda s, now: s.back_remaining(now)
             pages = _pages("size_bytes", request.size_bytes)
             start = request.start_page if request.HasField("start_page") else None
             return lambda s, now: s.back(pages, now, start_page=start)

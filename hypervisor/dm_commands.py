@@ -13,6 +13,9 @@ from hypervisor.ground_truth import GroundTruth, HotAddRegion
 from hypervisor.vm import MAX_GUEST_PAGES
 from memhp.dm import MAX_PAGE_CNT, CapabilitiesReport, compute_balloon_floor
 
+#: Regions one batched hot-add may place (a 16 TiB hotplug window in 128 MiB blocks is 2^17).
+MAX_BATCH = 1 << 20
+
 
 def check_pages(field: str, value: object, minimum: int, maximum: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
@@ -44,8 +47,11 @@ def check_new_region(
     disabled: bool,
     region_pages: int,
     backed_pages: int,
+    count: int = 1,
 ) -> int:
-    """Validate ``hot_add``; return where the new region starts."""
+    """Validate ``hot_add`` of ``count`` regions; return where the first one starts."""
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_BATCH:
+        raise HostCommandError("count", f"must be an integer from 1 to {MAX_BATCH}, got {count!r}")
     check_pages("region_pages", region_pages, 1)
     if region_pages % align:
         raise HostCommandError(
@@ -60,14 +66,15 @@ def check_new_region(
     check_hot_add_allowed(caps, disabled, "region_pages")
     max_pages = truth.config.max_pages
     room = max_pages - truth.reserved_pages
-    if region_pages > room:
+    if region_pages * count > room:
+        what = f"{region_pages} pages" if count == 1 else f"{count} regions of {region_pages} pages"
         raise HostCommandError(
             "region_pages",
-            f"{region_pages} pages do not fit under max_pages {max_pages} ({room} pages left)",
+            f"{what} do not fit under max_pages {max_pages} ({room} pages left)",
             "resource_exhausted",
         )
     start = truth.next_region_start(align)
-    if start + region_pages > MAX_GUEST_PAGES:
+    if start + region_pages * count > MAX_GUEST_PAGES:
         raise HostCommandError(
             "region_pages",
             "the region would end beyond the 40-bit PFN limit",
@@ -131,6 +138,32 @@ def check_back(
             "failed_precondition",
         )
     return region, start_page
+
+
+def check_back_remaining(
+    truth: GroundTruth,
+    caps: CapabilitiesReport | None,
+    disabled: bool,
+    max_pages: int,
+) -> list[tuple[HotAddRegion, int, int]]:
+    """Validate ``back_remaining``; return the holes to back, at most ``max_pages`` each."""
+    check_hot_add_allowed(caps, disabled, "remaining")
+    holes: list[tuple[HotAddRegion, int, int]] = []
+    for region in truth.regions:
+        if region.unusable:
+            continue
+        taken = region.backed.copy()
+        for s, e in region.pending.ranges():
+            taken.add(s, e)
+        for s, e in taken.holes(region.start, region.end):
+            holes.extend((region, a, min(a + max_pages, e)) for a in range(s, e, max_pages))
+    if not holes:
+        raise HostCommandError(
+            "remaining",
+            "every usable region is already backed (or its backing is queued)",
+            "failed_precondition",
+        )
+    return holes
 
 
 def check_balloon(caps: CapabilitiesReport | None, current_pages: int, pages: int) -> None:

@@ -24,6 +24,7 @@ from extents import RangeSet
 from hypervisor.dm_commands import (
     check_above_floor,
     check_back,
+    check_back_remaining,
     check_balloon,
     check_new_region,
     check_pages,
@@ -39,6 +40,7 @@ from memhp.dm import (
     DYNMEM_PROTOCOL_VERSION_3,
     HOT_ADD_CHUNK_MAX_PAGES,
     HV_BALLOON_HR_CHUNK_PAGES,
+    MAX_PAGE_CNT,
     MAX_RANGES_PER_MESSAGE,
     UNBALLOON_RANGE_MAX_PAGES,
     AccessReport,
@@ -184,6 +186,14 @@ class DmHostSession:
         return tuple(self._truth.regions)
 
     @property
+    def region_count(self) -> int:
+        return len(self._truth.regions)
+
+    def regions_from(self, index: int) -> list[HotAddRegion]:
+        """The regions from ``index`` on, in placement order (no copy of the older ones)."""
+        return self._truth.regions[index:]
+
+    @property
     def backed(self) -> RangeSet:
         """The PFNs the host backs (read it, do not change it)."""
         return self._truth.backed
@@ -244,8 +254,14 @@ class DmHostSession:
             # offer this region again.
             txn.target_region.unusable = True
         if self._command is not None:
-            self._emit("command_dropped", command=self._command.describe(), reason="reset")
+            cmd = self._command
+            self._emit("command_dropped", command=cmd.describe(), reason="reset")
             self._command = None
+            if cmd.later:
+                # The rest of a batch was never sent: it waits for the renegotiation.
+                rest = Command(cmd.name, later=cmd.later)
+                self._queue.appendleft(rest)
+                self._emit("command_queued", command=rest.describe())
         self._truth.forget_ballooned()
         for region in self._truth.regions:
             # The restarted driver has an empty ha_region_list.
@@ -329,27 +345,36 @@ class DmHostSession:
         *,
         offset_pages: int = 0,
         with_region: bool = True,
+        count: int = 1,
     ) -> list[DmMessage]:
         """Hand the guest a new region of which only ``backed_pages`` are backed yet.
 
         The backed pages start ``offset_pages`` into the region. ``with_region=False``
         sends the 16-byte form (range only), so the guest has to derive the region
         itself: the request shape behind suspected bug E1 when the start is unaligned.
+        ``count`` regions go one after the other as one command (a batch), each its own
+        transaction; all must fit or none is placed.
         """
+        align = self.hot_add_alignment_pages
         start = check_new_region(
             self._truth,
-            self.hot_add_alignment_pages,
+            align,
             self._caps,
             self._hot_add_disabled,
             region_pages,
             backed_pages,
+            count,
         )
         check_pages("offset_pages", offset_pages, 0, region_pages - backed_pages)
-        region = self._truth.place_region(start, region_pages)
-        first = start + offset_pages
-        region.pending.add(first, first + backed_pages)
-        offer = Offer(region, first, backed_pages, with_region=with_region)
-        return self._enqueue(Command("hot_add", offer=offer), now)
+        offers: deque[Offer] = deque()
+        for _ in range(count):
+            region = self._truth.place_region(start, region_pages)
+            first = start + offset_pages
+            region.pending.add(first, first + backed_pages)
+            offers.append(Offer(region, first, backed_pages, with_region=with_region))
+            start = self._truth.next_region_start(align)
+        offer = offers.popleft()
+        return self._enqueue(Command("hot_add", offer=offer, later=offers), now)
 
     def back(self, pages: int, now: float, start_page: int | None = None) -> list[DmMessage]:
         """Back more pages of the newest region (or of the region holding ``start_page``).
@@ -364,6 +389,23 @@ class DmHostSession:
         region.pending.add(start, start + pages)
         offer = Offer(region, start, pages, with_region=False)
         return self._enqueue(Command("back", offer=offer), now)
+
+    def back_remaining(self, now: float) -> list[DmMessage]:
+        """Back every page of every region not backed yet, one 16-byte request per hole.
+
+        Holes below what a region already has backed are gaps (the guest must handle
+        backing into them: upstream Linux does not, suspected bug E2).
+        """
+        offers = deque(
+            Offer(region, s, e - s, with_region=False)
+            for region, s, e in check_back_remaining(
+                self._truth, self._caps, self._hot_add_disabled, MAX_PAGE_CNT
+            )
+        )
+        for offer in offers:
+            offer.region.pending.add(offer.start, offer.start + offer.pages)
+        first = offers.popleft()
+        return self._enqueue(Command("back", offer=first, later=offers), now)
 
     def balloon(self, pages: int, now: float) -> list[DmMessage]:
         """Ask the guest for ``pages`` pages, in requests of at most 585,728 (QEMU)."""
@@ -413,8 +455,9 @@ class DmHostSession:
             return []
         if not cmd.planned:
             self._plan_target(cmd)
-        if cmd.offer is not None:
-            offer, cmd.offer = cmd.offer, None
+        while cmd.offer is not None or cmd.later:
+            offer = cmd.offer if cmd.offer is not None else cmd.later.popleft()
+            cmd.offer = None
             msgs = self._send_offer(cmd, offer, now)
             if msgs:
                 return msgs

@@ -8,7 +8,8 @@ runs one command at a time and turns it into transactions, one in flight at a ti
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 
 from hypervisor.ground_truth import HotAddRegion
 from memhp.dm import PageRange
@@ -35,6 +36,9 @@ class Command:
     name: str
     target: int | None = None
     offer: Offer | None = None
+    #: A batch (``HotAdd`` with a count, ``Back`` of everything remaining): the offers
+    #: after ``offer``, each its own transaction, in order.
+    later: deque[Offer] = field(default_factory=deque)
     unballoon_diff: int = 0
     hot_add_diff: int = 0
     balloon_diff: int = 0
@@ -53,9 +57,12 @@ class Command:
     def _describe(self) -> str:
         if self.name == "set_target":
             return f"set_target {self.target}"
-        if self.offer is not None:
-            o = self.offer
-            return f"{self.name} [{o.start:#x}, {o.start + o.pages:#x})"
+        first = self.offer if self.offer is not None else (self.later[0] if self.later else None)
+        if first is not None:
+            n = (self.offer is not None) + len(self.later)
+            end = first.start + first.pages
+            more = f" and {n - 1} more" if n > 1 else ""
+            return f"{self.name} [{first.start:#x}, {end:#x}){more}"
         pages = self.balloon_diff or self.unballoon_diff or self.hot_add_diff
         return f"{self.name} {pages}"
 

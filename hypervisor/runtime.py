@@ -12,9 +12,12 @@ never interleaved with another; nothing here knows gRPC beyond the message types
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
+import math
 import re
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Final
@@ -22,6 +25,7 @@ from typing import Final
 import structlog
 
 from hypervisor.dm_host import DmHostSession
+from hypervisor.dm_work import Transaction
 from hypervisor.errors import HostCommandError
 from hypervisor.events import HostEvent, ProtocolViolation
 from hypervisor.ground_truth import HotAddRegion
@@ -35,6 +39,8 @@ from memhp.v1 import dm_pb2
 
 #: How many commands may wait behind the running one before the host says no.
 MAX_QUEUED_COMMANDS: Final = 16
+#: Round trips kept for the percentiles of ``Vm.transactions``.
+ROUND_TRIP_WINDOW: Final = 4096
 #: Events a slow watcher may fall behind before its stream is closed.
 WATCH_QUEUE_SIZE: Final = 10_000
 #: Session events after which every region is checked for changes, not just the active ones.
@@ -134,6 +140,32 @@ class Defaults:
     block_pages: int
 
 
+class RoundTrips:
+    """Round trips of completed host-initiated transactions: a count and the recent ones."""
+
+    def __init__(self, window: int = ROUND_TRIP_WINDOW) -> None:
+        self.completed = 0
+        self.window = window
+        self.recent: deque[float] = deque()
+        #: ``recent`` in ascending order, kept as it changes (no sort per query).
+        self._ordered: list[float] = []
+
+    def record(self, seconds: float) -> None:
+        self.completed += 1
+        self.recent.append(seconds)
+        bisect.insort(self._ordered, seconds)
+        if len(self.recent) > self.window:
+            old = self.recent.popleft()
+            del self._ordered[bisect.bisect_left(self._ordered, old)]
+
+    def percentile(self, q: float) -> float:
+        """The ``q``-th percentile (nearest rank) of the recent round trips, seconds."""
+        if not self._ordered:
+            return 0.0
+        rank = max(1, math.ceil(q / 100 * len(self._ordered)))
+        return self._ordered[rank - 1]
+
+
 @dataclass(eq=False)
 class VmHandle:
     """One VM: its definition, host session, policy and the attached guest's outbox."""
@@ -157,6 +189,11 @@ class VmHandle:
     violation_events: int = 0
     #: The attached guest's introspection address, as it announced it ("" for none).
     guest_address: str = ""
+    round_trips: RoundTrips = field(default_factory=lambda: RoundTrips())
+    #: When the request of ``sent_txn`` (the transaction in flight) went to the stream: a
+    #: batch's first request leaves after the batch is placed, later than ``started``.
+    sent_txn: Transaction | None = None
+    sent_at: float = 0.0
     log: structlog.stdlib.BoundLogger = field(default_factory=lambda: log)
 
     @property
@@ -343,9 +380,27 @@ class Hypervisor:
             violation = ProtocolViolation("malformed-frame", str(err), frame.trans_id)
             self._finish(handle, [], _txn_region(handle.session), malformed=violation)
             return
-        before = _txn_region(handle.session)
-        handle.log.debug("frame_in", kind=type(msg).__name__, trans_id=msg.trans_id)
-        out = handle.session.receive(msg, handle.now())
+        session = handle.session
+        txn = session.in_flight
+        before = None if txn is None else txn.target_region
+        errors = len(session.protocol_errors)
+        now = handle.now()
+        out = session.receive(msg, now)
+        if txn is not None and session.in_flight is not txn:
+            sent = handle.sent_at if handle.sent_txn is txn else txn.started
+            handle.round_trips.record(now - sent)
+        if len(session.protocol_errors) == errors:
+            # The critical path: the next request goes out first; publishing, logging and
+            # the state file follow on the next turn of the loop, after the stream writer
+            # (woken by the send) has handed the request to gRPC.
+            self._send(handle, out)
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self._finish(handle, [], before)
+            else:
+                loop.call_soon(self._finish, handle, [], before)
+            return
         self._finish(handle, out, before)
 
     def guest_broke_rule(self, handle: VmHandle, kind: str, message: str) -> None:
@@ -512,6 +567,10 @@ class Hypervisor:
             return []
 
     def _send(self, handle: VmHandle, out: list[dm.DmMessage]) -> None:
+        txn = handle.session.in_flight
+        if out and txn is not None and handle.sent_txn is not txn:
+            handle.sent_txn = txn
+            handle.sent_at = handle.now()
         for msg in out:
             handle.log.debug("frame_out", kind=type(msg).__name__, trans_id=msg.trans_id)
             if handle.attached:

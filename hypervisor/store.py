@@ -186,16 +186,14 @@ class TruthWriter:
         also: tuple[HotAddRegion | None, ...] = (),
     ) -> bool:
         """Persist what changed; True when something was written."""
-        regions = session.regions
-        if len(regions) < self._count:
+        count = session.region_count
+        if count < self._count:
             check_all = True  # the session was restored with fewer regions
-        candidates = (
-            regions
-            if check_all
-            else regions[self._count :] + tuple(r for r in also if r is not None)
-        )
+        candidates = session.regions_from(0 if check_all else self._count)
+        if not check_all:
+            candidates += [r for r in also if r is not None]
         if session.in_flight is not None and session.in_flight.target_region is not None:
-            candidates += (session.in_flight.target_region,)
+            candidates.append(session.in_flight.target_region)
         changed: list[HotAddRegion] = []
         for region in candidates:
             if not region.offered:
@@ -215,7 +213,7 @@ class TruthWriter:
             return False
         deleted: list[int] = []
         if check_all:
-            live = {r.start for r in regions}
+            live = {r.start for r in session.regions_from(0)}
             deleted = [s for s in self._regions if s not in live]
         vm_state = None
         if vm_row != self._vm_row or check_all:
@@ -232,5 +230,5 @@ class TruthWriter:
         for region in changed:
             self._regions[region.start] = region.fingerprint()
         self._vm_row = vm_row
-        self._count = len(regions)
+        self._count = count
         return True

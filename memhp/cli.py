@@ -29,6 +29,7 @@ PROCESS_COMMANDS: tuple[str, ...] = (
     "guest.cli",
     "hypervisor.cli",
     "memhp.ctl",
+    "memhp.health",
     "memhp.watch",
     "memhp.demo",
 )

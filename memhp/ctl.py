@@ -5,8 +5,9 @@
     vms                                   list VMs
     show VM                               one VM: sizes, regions, transaction in flight
     target VM SIZE                        set the target size (unballoon/hot-add or balloon)
-    hot-add VM REGION --backed SIZE [--offset SIZE] [--range-only]
+    hot-add VM REGION --backed SIZE [--offset SIZE] [--range-only] [--count N]
     back VM SIZE [--start-page N]         back more of the newest (or the given) region
+    back VM --remaining                   back every page of every region not backed yet
     balloon VM SIZE / unballoon VM SIZE
     policy VM manual|dynamic [--buffer PCT --minimum SIZE --maximum SIZE]
     watch [--vm ID]... [--kind K]... [--count N]   stream events (JSON lines with --json)
@@ -56,6 +57,13 @@ def _int(value: str) -> int:
         raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None
     if n < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
+    return n
+
+
+def _count(value: str) -> int:
+    n = _int(value)
+    if not 1 <= n < 1 << 32:
+        raise argparse.ArgumentTypeError(f"must be from 1 to {(1 << 32) - 1}, got {n}")
     return n
 
 
@@ -253,12 +261,17 @@ def cmd_hot_add(ctl: Ctl, args: argparse.Namespace) -> int:
         backed_bytes=args.backed,
         offset_bytes=args.offset,
         range_only=args.range_only,
+        count=args.count,
     )
     return _command(lambda: ctl.control.HotAdd(req, timeout=ctl.timeout), args)
 
 
 def cmd_back(ctl: Ctl, args: argparse.Namespace) -> int:
-    req = control_pb2.BackCommand(vm_id=args.vm, size_bytes=args.size)
+    if args.remaining == (args.size is not None):
+        sys.stderr.write("memhp ctl back: give SIZE or --remaining (one of them)\n")
+        return 2
+    req = control_pb2.BackCommand(vm_id=args.vm, size_bytes=args.size or 0)
+    req.remaining = args.remaining
     if args.start_page is not None:
         req.start_page = args.start_page
     return _command(lambda: ctl.control.Back(req, timeout=ctl.timeout), args)
@@ -470,9 +483,21 @@ def add_subparser(subparsers: Any) -> None:
         action="store_true",
         help="send the 16-byte form (no region) instead of the 24-byte form",
     )
+    p.add_argument(
+        "--count",
+        type=_count,
+        default=1,
+        metavar="N",
+        help="N such regions, one after the other, as one command (default 1)",
+    )
     p = cmd("back", cmd_back, "back more pages of a region")
-    p.add_argument("size", type=_size, metavar="SIZE")
+    p.add_argument("size", type=_size, nargs="?", metavar="SIZE")
     p.add_argument("--start-page", type=_int, metavar="N")
+    p.add_argument(
+        "--remaining",
+        action="store_true",
+        help="back every page of every region not backed yet (one request per hole)",
+    )
     p = cmd("balloon", cmd_balloon, "ask the guest to balloon SIZE")
     p.add_argument("size", type=_size, metavar="SIZE")
     p = cmd("unballoon", cmd_unballoon, "give SIZE of ballooned memory back")

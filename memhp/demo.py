@@ -60,7 +60,18 @@ EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_SCENARIO = REPO / "scenarios" / "demo.yaml"
+DEFAULT_SCENARIO = Path("scenarios") / "demo.yaml"
+
+
+def default_scenario() -> Path:
+    """``scenarios/demo.yaml`` of the source tree, else of the working directory (an
+    installed copy, as in the container image, runs from a directory that has it)."""
+    for base in (REPO, Path.cwd()):
+        if (base / DEFAULT_SCENARIO).exists():
+            return base / DEFAULT_SCENARIO
+    return REPO / DEFAULT_SCENARIO
+
+
 #: Recent events per VM in the live demo (room for the progress above the panels).
 LIVE_EVENTS = 6
 
@@ -235,7 +246,7 @@ async def _play(runner: ProcessRunner) -> dict[str, Any]:
 
 
 async def demo(args: argparse.Namespace, console: Console, plain_out: IO[str]) -> int:
-    path = Path(args.scenario) if args.scenario else DEFAULT_SCENARIO
+    path = Path(args.scenario) if args.scenario else default_scenario()
     timeline_path = Path(args.timeline) if args.timeline else None
     try:
         scenario = load_scenario(path)
@@ -394,7 +405,8 @@ def add_subparser(subparsers: Any) -> None:
         "scenario",
         nargs="?",
         metavar="SCENARIO",
-        help=f"a scenario file (default {DEFAULT_SCENARIO.relative_to(REPO)})",
+        help=f"a scenario file (default {DEFAULT_SCENARIO}, of the source tree or the "
+        "working directory)",
     )
     p.add_argument(
         "--mqtt",

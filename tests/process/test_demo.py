@@ -233,3 +233,17 @@ def test_demo_mqtt_needs_the_publisher() -> None:
     )
     assert proc.returncode == 2
     assert "has no --mqtt option" in proc.stderr
+
+
+def test_default_scenario_of_an_installed_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import memhp.demo
+
+    assert memhp.demo.default_scenario() == DEMO
+    # Installed elsewhere (the container image): scenarios/ of the working directory.
+    monkeypatch.setattr(memhp.demo, "REPO", tmp_path / "site-packages")
+    (tmp_path / "app" / "scenarios").mkdir(parents=True)
+    (tmp_path / "app" / "scenarios" / "demo.yaml").write_text("name: x\n")
+    monkeypatch.chdir(tmp_path / "app")
+    assert memhp.demo.default_scenario() == tmp_path / "app" / "scenarios" / "demo.yaml"

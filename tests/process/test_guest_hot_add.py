@@ -52,6 +52,8 @@ async def test_attach_negotiate_and_partial_backing(
     # First attach: who it is, no memory state yet; then 2.0 is proposed and accepted.
     assert stream.attach.vm_id == "vm1"
     assert not stream.attach.HasField("state")
+    # It announces where its introspection listens (what Vm.guest_address shows).
+    assert stream.attach.introspection_address == guest.address
     first = stream.received[0][1]
     assert isinstance(first, dm.VersionRequest)
     assert first.version == dm.DYNMEM_PROTOCOL_VERSION_3
@@ -77,6 +79,9 @@ async def test_attach_negotiate_and_partial_backing(
     mem = await guest.memory()
     added = {b.index: (b.state, b.zone) for b in mem.blocks if b.index >= 8}
     assert added == {8: ("online", "Movable"), 9: ("online", "Movable")}
+    # The live view's cells: memory9 is online with its unbacked half PageOffline.
+    cells = {b.index: (b.cell, b.page_offline) for b in mem.blocks if b.index >= 8}
+    assert cells == {8: ("online", 0), 9: ("unbacked", BLOCK // 2)}
     (region,) = mem.regions
     assert (region.start_pfn, region.end_pfn) == (REGION_START, REGION_START + 4 * BLOCK)
     assert region.ha_end_pfn == REGION_START + 2 * BLOCK

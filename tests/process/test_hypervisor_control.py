@@ -524,3 +524,58 @@ async def test_qemu_profile_waits_after_negotiation(
     assert vm.dm_state == "POST_INIT_WAIT" and not vm.HasField("in_flight")
     await asyncio.sleep(0.3)  # a few ticks
     assert (await hv.get_vm("q")).dm_state == "POST_INIT_WAIT"
+
+
+async def test_batched_hot_add_and_back_remaining(hv: HvProcess, guests: list[FakeGuest]) -> None:
+    guest = await attached_guest(hv, guests, "batch")
+    await hv.control.HotAdd(
+        control_pb2.HotAddCommand(
+            vm_id="batch", region_bytes=256 * MIB, backed_bytes=128 * MIB, count=3
+        )
+    )
+    vm = await hv.control.GetVm(control_pb2.GetVmRequest(vm_id="batch"))
+    assert vm.queued_commands == 0 and vm.busy  # one command, running
+    regions = [await guest.answer_hot_add() for _ in range(3)]
+    assert [r.region.start_page if r.region else None for r in regions] == [
+        BOOT_PAGES + i * 256 * MIB // 4096 for i in range(3)
+    ]
+    vm = await wait_vm(hv, "batch", lambda v: not v.busy)
+    assert [r.added_pages for r in vm.regions] == [128 * MIB // 4096] * 3
+    assert vm.transactions.completed == 3 and vm.transactions.window == 3
+    assert 0 < vm.transactions.p50_ms <= vm.transactions.p99_ms <= vm.transactions.max_ms
+
+    # Back everything remaining: one 16-byte request per region, lowest first.
+    await hv.control.Back(control_pb2.BackCommand(vm_id="batch", remaining=True))
+    backs = [await guest.answer_hot_add() for _ in range(3)]
+    assert [(b.range.start_page, b.region) for b in backs] == [
+        (BOOT_PAGES + i * 256 * MIB // 4096 + 128 * MIB // 4096, None) for i in range(3)
+    ]
+    vm = await wait_vm(hv, "batch", lambda v: not v.busy)
+    assert vm.transactions.completed == 6
+    assert vm.actual_bytes == 4 * GIB + 768 * MIB
+
+    # Nothing left, both fields at once, a count that does not fit: refused, nothing changed.
+    await expect_error(
+        hv.control.Back(control_pb2.BackCommand(vm_id="batch", remaining=True)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "remaining",
+        "already backed",
+    )
+    await expect_error(
+        hv.control.Back(control_pb2.BackCommand(vm_id="batch", remaining=True, size_bytes=MIB)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "remaining",
+        "leave size_bytes",
+    )
+    await expect_error(
+        hv.control.HotAdd(
+            control_pb2.HotAddCommand(
+                vm_id="batch", region_bytes=128 * MIB, backed_bytes=128 * MIB, count=100_000
+            )
+        ),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "region_bytes",
+        "100000 regions of",
+    )
+    after = await hv.control.GetVm(control_pb2.GetVmRequest(vm_id="batch"))
+    assert after.regions == vm.regions and not after.busy
