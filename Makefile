@@ -1,4 +1,5 @@
-# The two commands of the README: `make demo` (runs a bundled scenario) and `make test`.
+# The two commands of the README: `make demo` (memhp demo: the bundled story, live) and
+# `make test`.
 # Both set up .venv on first use (Python 3.11+, packages from PyPI).
 
 PYTHON ?= python3
@@ -17,7 +18,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/memhp scenario run scenarios/strategies.yaml
+	$(BIN)/memhp demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -1,11 +1,12 @@
 """The ``memhp`` command.
 
-``memhp scenario run FILE [--json] [--sysfs-out DIR] [--seed N] [--processes]``
-plays a scenario in one process under a virtual clock (or, with ``--processes``,
-across a real ``memhp hypervisor`` and one ``memhp guest`` per VM) and prints a
-summary (or the whole JSON result). The exit status is 0 when every ``expect``
-held and every violation was declared expected, 1 otherwise, 2 for a bad
-scenario file.
+``memhp scenario run FILE [--json] [--sysfs-out DIR] [--seed N] [--processes]
+[--timeline FILE.svg|FILE.png]`` plays a scenario in one process under a virtual
+clock (or, with ``--processes``, across a real ``memhp hypervisor`` and one ``memhp
+guest`` per VM) and prints a summary (or the whole JSON result); ``--timeline``
+plots backed, onlined, committed and target memory of every VM over time. The exit
+status is 0 when every ``expect`` held and every violation was declared expected, 1
+otherwise, 2 for a bad scenario file or timeline path.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ PROCESS_COMMANDS: tuple[str, ...] = (
     "hypervisor.cli",
     "memhp.ctl",
     "memhp.health",
+    "memhp.watch",
+    "memhp.demo",
 )
 
 EXIT_OK = 0
@@ -40,27 +43,38 @@ def _scenario_run(args: argparse.Namespace) -> int:
     from guest.sysfs import write_sysfs_tree
     from memhp.scenario.runner import ScenarioRunner, StepFailed
     from memhp.scenario.spec import ScenarioError, load_scenario
+    from memhp.view.timeline import Timeline, TimelineError, check_timeline_path, write_timeline
 
+    timeline_path = Path(args.timeline) if args.timeline else None
     try:
         scenario = load_scenario(args.file)
         if args.processes:
             from memhp.scenario.processes import check_supported
 
             check_supported(scenario)
-    except ScenarioError as err:
+        if timeline_path is not None:
+            check_timeline_path(timeline_path)
+    except (ScenarioError, TimelineError) as err:
         sys.stderr.write(f"memhp: {err}\n")
         return EXIT_BAD_INPUT
+    timeline = (
+        Timeline(clock="wall time" if args.processes else "virtual time")
+        if timeline_path is not None
+        else None
+    )
     if args.processes:
         from memhp.scenario.processes import run_processes
 
         sysfs_out = Path(args.sysfs_out) if args.sysfs_out else None
         try:
-            result = asyncio.run(run_processes(scenario, seed=args.seed, sysfs_out=sysfs_out))
+            result = asyncio.run(
+                run_processes(scenario, seed=args.seed, sysfs_out=sysfs_out, timeline=timeline)
+            )
         except (KeyboardInterrupt, asyncio.CancelledError):
             sys.stderr.write("memhp: interrupted (every child process was stopped)\n")
             return EXIT_FAILED
     else:
-        runner = ScenarioRunner(scenario, seed=args.seed)
+        runner = ScenarioRunner(scenario, seed=args.seed, timeline=timeline)
         try:
             result = runner.run()
         except StepFailed as err:
@@ -74,6 +88,12 @@ def _scenario_run(args: argparse.Namespace) -> int:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
     else:
         sys.stdout.write(summary(result))
+    if timeline is not None and timeline_path is not None:
+        try:
+            write_timeline(timeline, timeline_path)
+        except (TimelineError, OSError) as err:
+            sys.stderr.write(f"memhp: timeline: {err}\n")
+            return EXIT_FAILED
     return EXIT_OK if result["ok"] else EXIT_FAILED
 
 
@@ -139,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run across real processes: one memhp hypervisor and one memhp guest per VM "
         "on loopback (real time; same JSON as in process, times aside)",
+    )
+    run.add_argument(
+        "--timeline",
+        metavar="FILE",
+        help="plot backed, onlined, committed and target memory of every VM over time "
+        "(.svg; .png with matplotlib, the 'plot' extra)",
     )
     run.set_defaults(func=_scenario_run)
     # The process commands register themselves (each module adds its own subcommand).

@@ -2,9 +2,9 @@
 
 The parsed file, each service's command and health check as an argv, and what this
 branch of memhp can run of them. The compose file is written for the whole project:
-it already uses ``--mqtt`` and ``memhp watch``, which land from other branches. Until
-they do, :func:`for_this_branch` drops a pending option that the subcommand does not
-have (and says so), and refuses a pending subcommand with :class:`PendingCommand`.
+it already uses ``--mqtt``, which lands from another branch. Until it does,
+:func:`for_this_branch` drops a pending option that the subcommand does not have (and
+says so), and refuses a pending subcommand with :class:`PendingCommand`.
 Once the flag exists the command is parsed as written; a flag merged under another
 spelling fails the parse instead of being dropped.
 """
@@ -28,8 +28,8 @@ MEMHP_IMAGE = "memhp-emu:latest"
 
 #: Options a service's command may carry before the branch that brings them is merged.
 PENDING_OPTIONS: dict[str, str] = {}
-# TODO(view branch): remove this entry once `memhp watch --hypervisor ADDR` is merged.
-PENDING_COMMANDS: dict[str, str] = {"watch": "view"}
+#: Subcommands the compose file runs that another branch brings (none now).
+PENDING_COMMANDS: dict[str, str] = {}
 
 
 class PendingCommand(Exception):

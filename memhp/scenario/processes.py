@@ -24,7 +24,10 @@ setup), each step's ``time`` and the violation traces differ
   ``WatchEvents`` stream opened before the guests start. Findings are deduplicated
   with the same keys and marked expected from ``expect_violations``.
 
-Every child is stopped by its own PID at the end, also when a step fails.
+Every child is stopped by its own PID at the end, also when a step fails. A
+``progress`` callback hears when each step starts and ends (``memhp demo`` shows it),
+and a :class:`memhp.view.timeline.Timeline` gets a sample of every VM after setup and
+after every step (from ``GetVm`` and ``GetMemory``, on the wall clock since setup).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import re
 import signal
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -65,6 +68,8 @@ from memhp.scenario.runner import POST_INIT_DELAY, TRACE_LENGTH
 from memhp.scenario.spec import Scenario, ScenarioError, Step, VmSpec
 from memhp.units import PAGE_SHIFT
 from memhp.v1 import control_pb2, control_pb2_grpc, dm_pb2, guest_pb2, guest_pb2_grpc
+from memhp.view.model import onlined_pages
+from memhp.view.timeline import Sample, Timeline
 
 log = get_logger("memhp.scenario.processes")
 
@@ -92,6 +97,21 @@ PROTO_FIELDS: dict[str, dict[str, str]] = {
 _GUEST_TRACE = re.compile(r"^t=(?P<t>-?[0-9.]+) (?P<rest>.*)$", re.DOTALL)
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class StepProgress:
+    """A step starts (``phase`` "start"), ended ("done") or failed ("failed")."""
+
+    #: 1-based; 0 is the setup (the processes attached and settled).
+    index: int
+    total: int
+    #: What the step does (:meth:`Step.describe`), or "setup".
+    text: str
+    phase: str
+    #: Seconds the step took ("done", "failed"); 0 at "start".
+    elapsed: float = 0.0
+    error: str = ""
 
 
 def check_supported(scenario: Scenario) -> None:
@@ -197,8 +217,17 @@ class ProcessRunner:
         log_dir: Path | None = None,
         sysfs_out: Path | None = None,
         settle_timeout: float = SETTLE_TIMEOUT,
+        timeline: Timeline | None = None,
+        progress: Callable[[StepProgress], None] | None = None,
+        hypervisor_args: Sequence[str] = (),
+        guest_args: Sequence[str] = (),
     ) -> None:
         check_supported(scenario)
+        self.timeline = timeline
+        self.progress = progress
+        #: Extra arguments for ``memhp hypervisor`` and every ``memhp guest``.
+        self.hypervisor_args = list(hypervisor_args)
+        self.guest_args = list(guest_args)
         self.scenario = scenario
         self.seed = scenario.seed if seed is None else seed
         self.log_dir = log_dir
@@ -249,6 +278,7 @@ class ProcessRunner:
             "--no-default-vm",
             "--profile",
             self.scenario.profile,
+            *self.hypervisor_args,
         )
         self.hypervisor = await start_child("hypervisor", argv, log_dir=self.log_dir)
         self.channel = grpc.aio.insecure_channel(self.hypervisor.address)
@@ -284,6 +314,7 @@ class ProcessRunner:
         argv = guest_argv(
             node.spec, self.hypervisor.address, log_args=self._log_args(), sysfs=sysfs
         )
+        argv += self.guest_args
         node.child = await start_child(f"guest-{node.spec.id}", argv, log_dir=self.log_dir)
         node.channel = grpc.aio.insecure_channel(node.child.address)
         node.guest = guest_pb2_grpc.GuestIntrospectionStub(node.channel)
@@ -466,15 +497,32 @@ class ProcessRunner:
         """Seconds of real time since setup settled."""
         return time.monotonic() - self._origin
 
+    def _progress(self, index: int, text: str, phase: str, started: float, error: str = "") -> None:
+        if self.progress is None:
+            return
+        elapsed = 0.0 if phase == "start" else time.monotonic() - started
+        total = len(self.scenario.steps)
+        self.progress(StepProgress(index, total, text, phase, elapsed, error))
+
     async def run(self) -> dict[str, Any]:
         self.current_step = "setup"
-        await self.settle()
+        started = time.monotonic()
+        self._progress(0, "setup", "start", started)
+        try:
+            await self.settle()
+        except StepFailed as err:
+            self._progress(0, "setup", "failed", started, str(err))
+            raise
         self._origin = time.monotonic()
         self._origin_wall = time.time()
         await self.check()
+        await self.sample()
+        self._progress(0, "setup", "done", started)
         for step in self.scenario.steps:
             self.current_step = step.label
             record: dict[str, Any] = {"index": step.index + 1, "kind": step.kind, "line": step.line}
+            started = time.monotonic()
+            self._progress(step.index + 1, step.describe(), "start", started)
             try:
                 outcome = await self._run_step(step)
                 if outcome is not None:
@@ -483,12 +531,35 @@ class ProcessRunner:
             except StepFailed as err:
                 record["error"] = str(err)
                 self.step_results.append(record)
+                self._progress(step.index + 1, step.describe(), "failed", started, str(err))
                 raise
             record["time"] = round(self.now, 6)
             self.step_results.append(record)
             await self.check()
+            await self.sample()
+            self._progress(step.index + 1, step.describe(), "done", started)
             log.debug("step done", step=step.label, time=self.now)
         return await self.result()
+
+    async def sample(self) -> None:
+        """One timeline sample per VM (bytes), when there is a timeline."""
+        if self.timeline is None:
+            return
+        now = self.now
+        for vm_id, node in self.nodes.items():
+            vm = await self._get_vm(node)
+            memory = await self._memory(node)
+            self.timeline.add(
+                Sample(
+                    time=round(now, 3),
+                    vm=vm_id,
+                    backed=sum(r.page_cnt for r in vm.backed) << PAGE_SHIFT,
+                    onlined=onlined_pages(memory) << PAGE_SHIFT,
+                    committed=vm.committed_bytes,
+                    target=vm.requested_bytes if vm.requested_set else None,
+                    step=self.current_step,
+                )
+            )
 
     async def _run_step(self, step: Step) -> Any:
         a = step.args
@@ -687,11 +758,14 @@ async def run_processes(
     seed: int | None = None,
     log_dir: Path | None = None,
     sysfs_out: Path | None = None,
+    timeline: Timeline | None = None,
 ) -> dict[str, Any]:
     """Play ``scenario`` across processes; the JSON result (``ok`` False and ``error`` set
     when a step failed or a process did not start). Every child is stopped on the way out,
     also when this is cancelled (SIGTERM cancels it)."""
-    runner = ProcessRunner(scenario, seed=seed, log_dir=log_dir, sysfs_out=sysfs_out)
+    runner = ProcessRunner(
+        scenario, seed=seed, log_dir=log_dir, sysfs_out=sysfs_out, timeline=timeline
+    )
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     handled = False
@@ -723,6 +797,7 @@ __all__ = [
     "PROTO_FIELDS",
     "ProcNode",
     "ProcessRunner",
+    "StepProgress",
     "check_supported",
     "guest_argv",
     "run_processes",

@@ -9,7 +9,8 @@ given scenario and seed and takes CPU time, not wall time.
 After every step the system *settles* (every message delivered, no transaction
 in flight, no hot-add, balloon or onlining work pending) and every invariant is
 checked; a violation is recorded once, with the step that first showed it and
-a short trace of the events before it.
+a short trace of the events before it. With a :class:`memhp.view.timeline.Timeline`
+the runner also samples every VM's memory after setup and after every step.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from extents import RangeSet
+from guest.blockmap import block_cells
 from guest.invariants import check_guest
 from guest.mm.dump import walk_dump
 from guest.mm.errors import MemoryHotplugError
+from guest.mm.memory import STATE_ONLINE
 from guest.vm import GuestConfig, GuestVm
 from hypervisor.dm_host import DmHostSession
 from hypervisor.errors import HostCommandError
@@ -46,6 +49,7 @@ from memhp.scenario.result import (
 )
 from memhp.scenario.spec import Scenario, Step, VmSpec
 from memhp.units import PAGE_SHIFT
+from memhp.view.timeline import Sample, Timeline
 
 log = get_logger("memhp.scenario")
 
@@ -90,10 +94,16 @@ class Node:
 
 class ScenarioRunner:
     def __init__(
-        self, scenario: Scenario, *, seed: int | None = None, check_every_step: bool = True
+        self,
+        scenario: Scenario,
+        *,
+        seed: int | None = None,
+        check_every_step: bool = True,
+        timeline: Timeline | None = None,
     ) -> None:
         self.scenario = scenario
         self.check_every_step = check_every_step
+        self.timeline = timeline
         self.seed = scenario.seed if seed is None else seed
         self.rng = random.Random(self.seed)
         self.now = 0.0
@@ -225,6 +235,7 @@ class ScenarioRunner:
         self.current_step = "setup"
         self.settle()
         self.check()
+        self.sample()
         for step in self.scenario.steps:
             self.current_step = step.label
             record: dict[str, Any] = {"index": step.index + 1, "kind": step.kind, "line": step.line}
@@ -241,8 +252,32 @@ class ScenarioRunner:
             self.step_results.append(record)
             if self.check_every_step:
                 self.check()
+            self.sample()
             log.debug("step done", step=step.label, time=self.now)
         return self.result()
+
+    def sample(self) -> None:
+        """One timeline sample per VM (bytes), when there is a timeline."""
+        if self.timeline is None:
+            return
+        for vm_id, node in self.nodes.items():
+            onlined = sum(
+                c.nr_pages - c.page_offline - c.ballooned
+                for c in block_cells(node.guest.mm)
+                if c.state == STATE_ONLINE
+            )
+            target = node.host.target_pages
+            self.timeline.add(
+                Sample(
+                    time=self.now,
+                    vm=vm_id,
+                    backed=len(node.host.backed) << PAGE_SHIFT,
+                    onlined=onlined << PAGE_SHIFT,
+                    committed=(node.host.committed_pages or 0) << PAGE_SHIFT,
+                    target=None if target is None else target << PAGE_SHIFT,
+                    step=self.current_step,
+                )
+            )
 
     def check(self) -> None:
         for node in self.nodes.values():

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from memhp.units import SizeError, parse_size
+from memhp.units import SizeError, format_size, parse_size
 
 STRATEGIES = ("callback", "going-online", "online-then-reclaim")
 DRIVER_MODES = ("upstream", "fixed")
@@ -115,6 +115,24 @@ class Step:
     @property
     def label(self) -> str:
         return f"step {self.index + 1} ({self.kind}, line {self.line})"
+
+    def describe(self) -> str:
+        """What the step does, in a line: ``hot_add g1: region 1G, backed 300M``."""
+        sizes = SIZE_KEYS.get(self.kind, DEFAULT_SIZE_KEYS) if self.kind != "expect" else set()
+        parts = []
+        for key, value in self.args.items():
+            if key == "vm":
+                continue
+            if self.kind == "expect":
+                parts.append(key)
+            elif key in sizes and isinstance(value, int):
+                parts.append(f"{key} {format_size(value)}")
+            elif value is True:
+                parts.append(key)
+            else:
+                parts.append(f"{key} {value}")
+        head = f"{self.kind} {self.args['vm']}" if "vm" in self.args else self.kind
+        return f"{head}: {', '.join(parts)}" if parts else head
 
 
 @dataclass

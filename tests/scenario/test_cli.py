@@ -27,8 +27,8 @@ needs_lsmem = pytest.mark.skipif(not Path(LSMEM).exists(), reason="util-linux ls
 
 
 def memhp_command() -> list[str]:
-    # The console script of the interpreter under test, never another memhp on PATH
-    # (a pyenv shim may run another checkout's install).
+    """This interpreter's ``memhp`` script (another ``memhp`` on PATH may be another
+    install of the project), else ``python -m memhp.cli``."""
     exe = Path(sys.executable).with_name("memhp")
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "memhp.cli"]
 

@@ -231,6 +231,31 @@ def test_advance_shorthand_and_long_form(step: str, seconds: float) -> None:
     assert isinstance(only.args["seconds"], float)
 
 
+def test_steps_describe_themselves() -> None:
+    scenario = parse(
+        VM_G
+        + doc(
+            "steps:",
+            "  - hot_add: {vm: g, region: 512M, backed: 300M, offset: 4M}",
+            "  - back: {vm: g, size: 84M, region: 0}",
+            "  - allocate: {vm: g, size: 64M, zone: Movable, in_window: true, block: 9}",
+            "  - online: {vm: g, block: 9, type: online_movable}",
+            "  - advance: 1.5",
+            "  - dump: {vm: g}",
+            "  - expect: {vm: g, pages.page_offline: 84M, violations: []}",
+        )
+    )
+    assert [s.describe() for s in scenario.steps] == [
+        "hot_add g: region 512M, backed 300M, offset 4M",
+        "back g: size 84M, region 0",
+        "allocate g: size 64M, zone Movable, in_window, block 9",
+        "online g: block 9, type online_movable",
+        "advance: seconds 1.5",
+        "dump g",
+        "expect g: pages.page_offline, violations",
+    ]
+
+
 def test_block_size_bounds_are_inclusive() -> None:
     for block_size in ("128M", "2G"):
         sc = parse(
