@@ -151,15 +151,9 @@ def _plugged_mismatch(lo: int, hi: int, mine: RangeSet, host: RangeSet) -> list[
 def _online_ranges(mm: MemoryManager, driver: VirtioMem) -> Iterator[tuple[int, int, bool]]:
     """(start, end, plugged) runs of the driver's memory in online memory blocks."""
     if driver.in_sbm:
-        sb_pages = driver.sb_size >> PAGE_SHIFT
-        mb_pages = driver.memory_block_size >> PAGE_SHIFT
         for mb_id, state in driver.mb_states.items():
-            if state not in MB_ONLINE_STATES:
-                continue
-            bits = driver.sb_states.get(mb_id, 0)
-            for sb_id in range(driver.sbs_per_mb):
-                start = mb_id * mb_pages + sb_id * sb_pages
-                yield start, start + sb_pages, bool(bits >> sb_id & 1)
+            if state in MB_ONLINE_STATES:
+                yield from driver.sbm_subblock_runs(mb_id)
         return
     bb_pages = driver.bb_size >> PAGE_SHIFT
     for bb_id, bb_state in driver.bb_states.items():

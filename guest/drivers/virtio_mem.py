@@ -181,6 +181,23 @@ _SBM_UNPLUG_ORDER = (
 )
 
 
+def bit_runs(bits: int, count: int) -> Iterator[tuple[int, int, bool]]:
+    """Runs ``(first, end, set)`` of equal bits among the low ``count`` bits of ``bits``."""
+    full = (1 << count) - 1
+    bits &= full
+    if bits in (0, full):
+        yield 0, count, bool(bits)
+        return
+    pos = 0
+    while pos < count:
+        value = bool(bits >> pos & 1)
+        # The next bit that differs: lowest set bit of the flipped remainder.
+        rest = (bits if not value else ~bits & full) >> pos
+        end = pos + ((rest & -rest).bit_length() - 1) if rest else count
+        yield pos, end, value
+        pos = end
+
+
 def is_work_task(name: str) -> bool:
     """A scheduler task of this driver that a protocol step waits for (the work item)."""
     return name.startswith(f"{DRIVER}:") and name.endswith(":wq")
@@ -807,20 +824,14 @@ class VirtioMem:
         sb_pages = self.sb_size >> PAGE_SHIFT
         base = mb_id * (self.memory_block_size >> PAGE_SHIFT)
         bits = self.sb_states.get(mb_id, 0)
-        pos = start
-        while pos < end:
-            sb_id = (pos - base) // sb_pages
-            plugged = bool(bits >> sb_id & 1)
-            # The run of subblocks in the same state.
-            last = sb_id
-            while last + 1 < self.sbs_per_mb and bool(bits >> (last + 1) & 1) == plugged:
-                last += 1
-            stop = min(end, base + (last + 1) * sb_pages)
+        for first, last, plugged in bit_runs(bits, self.sbs_per_mb):
+            lo, hi = max(start, base + first * sb_pages), min(end, base + last * sb_pages)
+            if lo >= hi:
+                continue
             if plugged:
-                self.mm.generic_online_pages(pos, stop)
+                self.mm.generic_online_pages(lo, hi)
             else:
-                self._set_fake_offline(pos, stop - pos, onlined=False)
-            pos = stop
+                self._set_fake_offline(lo, hi - lo, onlined=False)
 
     # -- the memory notifier ----------------------------------------------------------------
 
@@ -936,20 +947,18 @@ class VirtioMem:
             return
         self._sbm_set_mb_state(mb_id, new)
 
-    def _sbm_unplugged_subblocks(self, mb_id: int) -> Iterator[tuple[int, int]]:
-        """PFN runs of the unplugged subblocks of a memory block."""
+    def sbm_subblock_runs(self, mb_id: int) -> Iterator[tuple[int, int, bool]]:
+        """PFN runs ``(start, end, plugged)`` of a memory block's subblocks."""
         sb_pages = self.sb_size >> PAGE_SHIFT
         base = mb_id * (self.memory_block_size >> PAGE_SHIFT)
-        bits = self.sb_states.get(mb_id, 0)
-        sb_id = 0
-        while sb_id < self.sbs_per_mb:
-            if bits >> sb_id & 1:
-                sb_id += 1
-                continue
-            first = sb_id
-            while sb_id < self.sbs_per_mb and not bits >> sb_id & 1:
-                sb_id += 1
-            yield base + first * sb_pages, base + sb_id * sb_pages
+        for first, last, plugged in bit_runs(self.sb_states.get(mb_id, 0), self.sbs_per_mb):
+            yield base + first * sb_pages, base + last * sb_pages, plugged
+
+    def _sbm_unplugged_subblocks(self, mb_id: int) -> Iterator[tuple[int, int]]:
+        """PFN runs of the unplugged subblocks of a memory block."""
+        for s, e, plugged in self.sbm_subblock_runs(mb_id):
+            if not plugged:
+                yield s, e
 
     def _sbm_notify_going_offline(self, mb_id: int) -> None:
         for s, e in self._sbm_unplugged_subblocks(mb_id):
@@ -1403,13 +1412,20 @@ class VirtioMem:
     def plugged_ranges(self) -> Iterator[tuple[int, int]]:
         """The PFN ranges the driver believes plugged, ascending."""
         if self.in_sbm:
-            sb_pages = self.sb_size >> PAGE_SHIFT
+            # Neighbouring runs merge, so a fully plugged device is one range.
+            pending: tuple[int, int] | None = None
             for mb_id in sorted(self.sb_states):
-                bits = self.sb_states[mb_id]
-                base = mb_id * (self.memory_block_size >> PAGE_SHIFT)
-                for sb_id in range(self.sbs_per_mb):
-                    if bits >> sb_id & 1:
-                        yield base + sb_id * sb_pages, base + (sb_id + 1) * sb_pages
+                for s, e, plugged in self.sbm_subblock_runs(mb_id):
+                    if not plugged:
+                        continue
+                    if pending is not None and pending[1] == s:
+                        pending = (pending[0], e)
+                        continue
+                    if pending is not None:
+                        yield pending
+                    pending = (s, e)
+            if pending is not None:
+                yield pending
             return
         bb_pages = self.bb_size >> PAGE_SHIFT
         for bb_id in sorted(self.bb_states):

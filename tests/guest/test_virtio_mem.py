@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import itertools
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from guest.drivers.virtio_mem import (
     EAGAIN_LIMIT,
@@ -19,6 +22,7 @@ from guest.drivers.virtio_mem import (
     OWNER_NEVER_ONLINED,
     VIRTIO_MEM_RETRY_TIMER_MIN_MS,
     VirtioMemProbeError,
+    bit_runs,
 )
 from guest.mm.errors import MemoryHotplugError
 from guest.mm.memory import MemoryBlock
@@ -651,3 +655,14 @@ def test_checker_catches_broken_bookkeeping() -> None:
         "virtio-mem-fake-offline",
     } <= kinds
     assert r.mm.page_state(block_pfn(FIRST)).kind == BUDDY
+
+
+@given(st.integers(1, 64).flatmap(lambda n: st.tuples(st.just(n), st.integers(0, (1 << n) - 1))))
+def test_bit_runs(case: tuple[int, int]) -> None:
+    count, bits = case
+    runs = list(bit_runs(bits, count))
+    assert runs[0][0] == 0 and runs[-1][1] == count
+    for (_, end, value), (start, _, nxt) in itertools.pairwise(runs):
+        assert end == start and value != nxt
+    for first, end, value in runs:
+        assert all(bool(bits >> i & 1) == value for i in range(first, end))
