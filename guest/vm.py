@@ -13,8 +13,12 @@ one system-wide ``online_page_callback``, so virtio_mem's probe gets -EINVAL
 (:class:`guest.drivers.virtio_mem.VirtioMemProbeError`). A virtio-mem device has its
 own message channel (the gRPC side opens a stream per device):
 :meth:`GuestVm.drain_virtio_outbox`, :meth:`GuestVm.deliver_virtio`,
-:meth:`GuestVm.virtio_config_changed`. :attr:`GuestVm.driver` is the hv_balloon driver
-and exists only with ``hyperv-dm``.
+:meth:`GuestVm.virtio_config_changed`. :meth:`GuestVm.deliver_virtio` also takes the
+device's config space as it reads after the request (a config read is synchronous on
+real hardware; ``plugged_size`` changes and UNPLUG_ALL's shrinking of the usable region
+raise no interrupt), so a transport sends the config along with each response.
+:attr:`GuestVm.driver` is the hv_balloon driver and exists only with ``hyperv-dm``
+(:attr:`GuestVm.hv_balloon` is None otherwise).
 
 What user space would do through sysfs (``echo online_movable > state``) is a
 method here too, and so is what a concurrent allocator does: an allocation can

@@ -35,7 +35,20 @@ here; the answer is the config-change notification (:class:`memhp.virtio_mem.Con
 sent even when nothing changed, as QEMU does.
 
 Nothing here does I/O or reads a clock; events collect in
-:attr:`VirtioMemDevice.events` (see :meth:`~VirtioMemDevice.drain_events`).
+:attr:`VirtioMemDevice.events` (see :meth:`~VirtioMemDevice.drain_events`):
+``attach``, ``virtio_mem_request``, ``virtio_mem_response`` (with ``reason`` for a
+refusal), ``size_change`` (``plugged_size``, ``requested_size``), ``resize``,
+``protocol_error``, ``violation``, ``busy_injected``, ``system_reset``, ``restored``.
+
+For the transports (the interface the gRPC side builds on): ``request(req, now)``
+answers a :class:`memhp.virtio_mem.VirtioMemRequest` with a
+:class:`~memhp.virtio_mem.VirtioMemResponse`; the guest should get :attr:`config` along
+with every response (``plugged_size`` changes without a config interrupt and UNPLUG_ALL
+may shrink the usable region: a real guest would read them from the config space).
+``resize`` returns the :class:`~memhp.virtio_mem.ConfigChange` to send as the config
+interrupt. ``check_access(ranges, what)`` takes the guest's
+:class:`~memhp.virtio_mem.AccessReport` ranges, ``[start_pfn, end_pfn)``.
+``snapshot()`` / ``restore()`` / ``from_snapshot()`` persist the plugged state.
 """
 
 from __future__ import annotations
