@@ -1,9 +1,24 @@
-"""One emulated guest: memory model, scheduler, hv_balloon driver, udev and workloads.
+"""One emulated guest: memory model, scheduler, protocol drivers, udev and workloads.
 
 Sans-I/O like its parts: :meth:`GuestVm.deliver` takes a host message,
 :meth:`GuestVm.drain_outbox` gives the messages for the host, and
 :meth:`GuestVm.run_until` moves the guest's clock. The scenario runner drives it
 under a virtual clock; the guest-agent process drives it with asyncio.
+
+``GuestConfig.protocol`` says which devices the guest has: ``hyperv-dm`` (the
+hv_balloon driver, the default), ``virtio-mem`` (one virtio_mem driver per device,
+each device's config given at attach with :meth:`GuestVm.attach_virtio_mem`), or
+both. Both fails at :meth:`GuestVm.start` exactly as Linux does: hv_balloon holds the
+one system-wide ``online_page_callback``, so virtio_mem's probe gets -EINVAL
+(:class:`guest.drivers.virtio_mem.VirtioMemProbeError`). A virtio-mem device has its
+own message channel (the gRPC side opens a stream per device):
+:meth:`GuestVm.drain_virtio_outbox`, :meth:`GuestVm.deliver_virtio`,
+:meth:`GuestVm.virtio_config_changed`. :meth:`GuestVm.deliver_virtio` also takes the
+device's config space as it reads after the request (a config read is synchronous on
+real hardware; ``plugged_size`` changes and UNPLUG_ALL's shrinking of the usable region
+raise no interrupt), so a transport sends the config along with each response.
+:attr:`GuestVm.driver` is the hv_balloon driver and exists only with ``hyperv-dm``
+(:attr:`GuestVm.hv_balloon` is None otherwise).
 
 What user space would do through sysfs (``echo online_movable > state``) is a
 method here too, and so is what a concurrent allocator does: an allocation can
@@ -21,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from guest.drivers.hv_balloon import MODES, STRATEGIES, HvBalloon
+from guest.drivers.virtio_mem import VirtioMem, VirtioMemDevices, is_work_task
 from guest.kernel import Scheduler, Sleep, Task
 from guest.mm.errors import ENOENT, MemoryHotplugError
 from guest.mm.geometry import Geometry
@@ -45,11 +61,16 @@ from guest.mm.notifier import (
 )
 from guest.sysfs import sysfs_state_write
 from memhp.dm import DmMessage
+from memhp.virtio_mem import AccessReport, VirtioMemConfig, VirtioMemRequest, VirtioMemResponse
 
 #: Driver work a protocol step waits for (user space: udev, sysfs writes, runs on its own).
 PROTOCOL_TASKS = frozenset({"hv_balloon:probe", "hv_balloon:hot_add", "hv_balloon:balloon_up"})
 #: The block events come from a memory notifier called after every other one.
 EVENTS_NOTIFIER_PRIORITY = -10_000
+HYPERV_DM = "hyperv-dm"
+VIRTIO_MEM = "virtio-mem"
+#: The devices a guest can have (both at once fails at start, as in Linux).
+PROTOCOLS = (HYPERV_DM, VIRTIO_MEM, f"{HYPERV_DM}+{VIRTIO_MEM}")
 
 
 @dataclass
@@ -71,8 +92,22 @@ class GuestConfig:
     memmap_on_memory: bool = False
     pressure_report_delay: int = 45
     status_interval: float = 1.0
+    #: hyperv-dm | virtio-mem | hyperv-dm+virtio-mem
+    protocol: str = HYPERV_DM
+    #: virtio_mem module parameters.
+    virtio_mem_force_bbm: bool = False
+    virtio_mem_unplug_online: bool = True
+    virtio_mem_bbm_safe_unplug: bool = True
+
+    @property
+    def protocols(self) -> tuple[str, ...]:
+        return tuple(self.protocol.split("+"))
 
     def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(
+                f"protocol: must be one of {', '.join(PROTOCOLS)}, not {self.protocol!r}"
+            )
         if self.auto_online_blocks not in ONLINE_TYPES:
             raise ValueError(
                 f"auto_online: must be one of {', '.join(ONLINE_TYPES)}, "
@@ -140,15 +175,22 @@ class GuestVm:
             memmap_on_memory=config.memmap_on_memory,
         )
         self._on_event = on_event
-        self.driver = HvBalloon(
-            self.mm,
-            self.scheduler,
-            mode=config.driver_mode,
-            strategy=config.strategy,
-            pressure_report_delay=config.pressure_report_delay,
-            status_interval=config.status_interval,
-            on_event=self._driver_event,
-        )
+        #: The hv_balloon driver (its probe installs its online_page_callback at once).
+        self.hv_balloon: HvBalloon | None = None
+        if HYPERV_DM in config.protocols:
+            self.hv_balloon = HvBalloon(
+                self.mm,
+                self.scheduler,
+                mode=config.driver_mode,
+                strategy=config.strategy,
+                pressure_report_delay=config.pressure_report_delay,
+                status_interval=config.status_interval,
+                on_event=self._driver_event,
+            )
+        #: ``virtio_mem_devices``: the drivers of the attached virtio-mem devices.
+        self.virtio_mem_devices = VirtioMemDevices(self.mm)
+        self.virtio_mem: list[VirtioMem] = []
+        self.started = False
         self.error_inject = NotifierErrorInject(self.mm.notifier, priority=0)
         #: Seconds an onlining pauses after its callbacks, before the sections go online.
         self.slow_onlining: float = 0.0
@@ -204,8 +246,62 @@ class GuestVm:
 
     # -- the transport side ---------------------------------------------------------
 
+    @property
+    def driver(self) -> HvBalloon:
+        """The hv_balloon driver; ValueError for a guest without a Hyper-V DM device."""
+        if self.hv_balloon is None:
+            raise ValueError(
+                f"vm {self.config.vm_id}: no Hyper-V DM device (protocol {self.config.protocol})"
+            )
+        return self.hv_balloon
+
+    def attach_virtio_mem(self, config: VirtioMemConfig) -> VirtioMem:
+        """A virtio-mem device with this config space (from the host); probed at :meth:`start`.
+
+        A device attached after start is probed at once (hotplug of the PCI device).
+        """
+        if VIRTIO_MEM not in self.config.protocols:
+            raise ValueError(
+                f"vm {self.config.vm_id}: no virtio-mem device (protocol {self.config.protocol})"
+            )
+        if config.addr >> 12 < self.mm.boot_end_pfn:
+            raise ValueError(
+                f"vm {self.config.vm_id}: the virtio-mem region at {config.addr:#x} overlaps "
+                f"boot memory (which ends at {self.mm.boot_end_pfn << 12:#x})"
+            )
+        c = self.config
+        driver = VirtioMem(
+            self.mm,
+            self.scheduler,
+            self.virtio_mem_devices,
+            config,
+            name=f"virtio{len(self.virtio_mem)}",
+            force_bbm=c.virtio_mem_force_bbm,
+            unplug_online=c.virtio_mem_unplug_online,
+            bbm_safe_unplug=c.virtio_mem_bbm_safe_unplug,
+            on_event=self._driver_event,
+        )
+        self.virtio_mem.append(driver)
+        if self.started:
+            driver.probe()
+        return driver
+
     def start(self) -> None:
-        self.driver.start()
+        """Boot the drivers: hv_balloon negotiates, each virtio_mem device probes.
+
+        Raises :class:`guest.drivers.virtio_mem.VirtioMemProbeError` when a virtio-mem
+        device cannot install the online_page_callback (hv_balloon holds it).
+        """
+        if VIRTIO_MEM in self.config.protocols and not self.virtio_mem:
+            raise ValueError(
+                f"vm {self.config.vm_id}: protocol {self.config.protocol} needs a virtio-mem "
+                "device (attach_virtio_mem before start)"
+            )
+        self.started = True
+        if self.hv_balloon is not None:
+            self.hv_balloon.start()
+        for driver in self.virtio_mem:
+            driver.probe()
 
     def renegotiate(self) -> None:
         """The DM channel was reset or replaced: the driver negotiates again, memory stays."""
@@ -215,7 +311,33 @@ class GuestVm:
         self.driver.receive(msg)
 
     def drain_outbox(self) -> list[DmMessage]:
-        return self.driver.drain_outbox()
+        return self.hv_balloon.drain_outbox() if self.hv_balloon is not None else []
+
+    def _virtio(self, device: int) -> VirtioMem:
+        try:
+            return self.virtio_mem[device]
+        except IndexError:
+            raise ValueError(
+                f"vm {self.config.vm_id}: no virtio-mem device {device} "
+                f"({len(self.virtio_mem)} attached)"
+            ) from None
+
+    def drain_virtio_outbox(self, device: int = 0) -> list[VirtioMemRequest | AccessReport]:
+        """The requests (and access reports) for virtio-mem device ``device``."""
+        return self._virtio(device).drain_outbox()
+
+    def deliver_virtio(
+        self,
+        response: VirtioMemResponse,
+        config: VirtioMemConfig | None = None,
+        device: int = 0,
+    ) -> None:
+        """The device's response, with its config space as it reads after the request."""
+        self._virtio(device).deliver(response, config)
+
+    def virtio_config_changed(self, config: VirtioMemConfig, device: int = 0) -> None:
+        """The device's config interrupt (e.g. a new ``requested_size``)."""
+        self._virtio(device).config_changed(config)
 
     def run_until(self, now: float) -> None:
         self.scheduler.run_until(now)
@@ -234,7 +356,9 @@ class GuestVm:
         User-space work (udev onlining, a slow sysfs onlining) runs on its own time,
         like in a real guest: it does not keep a protocol step from finishing.
         """
-        return self.scheduler.busy or any(name in PROTOCOL_TASKS for name in self.scheduler.tasks)
+        return self.scheduler.busy or any(
+            name in PROTOCOL_TASKS or is_work_task(name) for name in self.scheduler.tasks
+        )
 
     # -- user space: sysfs ----------------------------------------------------------
 
@@ -248,7 +372,11 @@ class GuestVm:
         """
         self._check_block(block_id)
         pause = self._take_slow()
-        if pause > 0 or self.mm.hotplug_lock_holder is not None:
+        if (
+            pause > 0
+            or self.mm.hotplug_lock_holder is not None
+            or self._driver_mutex_held(block_id)
+        ):
             self.scheduler.spawn(
                 f"online:memory{block_id}", self._online_task(block_id, online_type, pause)
             )
@@ -263,19 +391,33 @@ class GuestVm:
     def offline_block(self, block_id: int) -> bool:
         """``echo offline > memoryN/state``; waits (as a task) for ``mem_hotplug_lock``."""
         self._check_block(block_id)
-        if self.mm.hotplug_lock_holder is not None:
+        if self.mm.hotplug_lock_holder is not None or self._driver_mutex_held(block_id):
             self.scheduler.spawn(f"offline:memory{block_id}", self._offline_task(block_id))
             return False
         self.mm.offline_block(block_id)
         return True
 
     def _offline_task(self, block_id: int) -> Task:
-        while self.mm.hotplug_lock_holder is not None:
+        while self.mm.hotplug_lock_holder is not None or self._driver_mutex_held(block_id):
             yield Sleep(0.001)
         try:
             self.mm.offline_block(block_id)
         except MemoryHotplugError as err:
             self._emit("offline_failed", block=block_id, errno=err.name, message=err.message)
+
+    def _driver_mutex_held(self, block_id: int) -> bool:
+        """A virtio-mem work holds its ``hotplug_mutex`` over this block's memory.
+
+        The kernel's sysfs writer would block in the driver's memory notifier until the
+        work drops it; here the write waits (as a task) before it starts.
+        """
+        block = self.mm.blocks.get(block_id)
+        if block is None:
+            return False
+        return any(
+            d.hotplug_mutex_owner == "wq" and d.start_pfn <= block.start_pfn < d.end_pfn
+            for d in self.virtio_mem
+        )
 
     def _check_block(self, block_id: int) -> None:
         """No ``memoryN`` directory: the write fails to open it (-ENOENT), as in sysfs."""
@@ -293,6 +435,8 @@ class GuestVm:
 
     def _online_task(self, block_id: int, online_type: str, pause: float) -> Task:
         while True:
+            while self._driver_mutex_held(block_id):
+                yield Sleep(0.001)
             try:
                 self._online_types[block_id] = online_type
                 steps = self.mm.online_pages_steps(block_id, online_type)
@@ -411,4 +555,7 @@ class GuestVm:
         self.window_allocations = [a for a in self.window_allocations if not a.done]
 
     def _on_access(self, ranges: list[tuple[int, int]], tag: str) -> None:
-        self.driver.report_access(ranges, "allocate")
+        if self.hv_balloon is not None:
+            self.hv_balloon.report_access(ranges, "allocate")
+        for driver in self.virtio_mem:
+            driver.report_access(ranges, "allocate")

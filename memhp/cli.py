@@ -106,17 +106,29 @@ def summary(result: dict[str, Any]) -> str:
         lines.append(f"  ERROR {result['error']}")
     for vm_id, vm in result["vms"].items():
         mi = vm["meminfo"]
-        c = vm["counters"]
         online = sum(1 for b in vm["blocks"] if b["state"] == "online")
-        lines.append(
-            f"  vm {vm_id} ({vm['strategy']}, {vm['driver_mode']}): "
+        memory = (
             f"MemTotal {format_size(mi['MemTotal'] << 10)}, "
             f"MemFree {format_size(mi['MemFree'] << 10)}, "
             f"blocks {online}/{len(vm['blocks'])} online, "
-            f"added {c['num_pages_added']} onlined {c['num_pages_onlined']} "
-            f"ballooned {c['num_pages_ballooned']} pages, "
-            f"PageOffline {vm['pages']['page_offline']} pages"
         )
+        if "counters" in vm:
+            c = vm["counters"]
+            lines.append(
+                f"  vm {vm_id} ({vm['strategy']}, {vm['driver_mode']}): {memory}"
+                f"added {c['num_pages_added']} onlined {c['num_pages_onlined']} "
+                f"ballooned {c['num_pages_ballooned']} pages, "
+                f"PageOffline {vm['pages']['page_offline']} pages"
+            )
+        else:
+            v = vm.get("virtio_mem", {})
+            mode = v.get("driver", {}).get("mode", "?")
+            lines.append(
+                f"  vm {vm_id} ({vm.get('protocol', '?')}, {mode}): {memory}"
+                f"requested {format_size(v.get('requested', 0) << 12)} "
+                f"plugged {format_size(v.get('plugged', 0) << 12)}, "
+                f"PageOffline {vm['pages']['page_offline']} pages"
+            )
         for v in vm["violations"]:
             tag = "expected" if v["expected"] else "VIOLATION"
             lines.append(

@@ -230,7 +230,7 @@ class HvBalloon:
         self._balloon_wrk = Work(scheduler, "hv_balloon:balloon_up", self._balloon_up_work)
         mm.notifier.register(self._memory_notifier, 0, name=DRIVER)
         if strategy == "callback":
-            mm.set_online_page_callback(self.hv_online_page)
+            mm.set_online_page_callback(self.hv_online_page, owner=DRIVER)
 
     # -- plumbing --------------------------------------------------------------
 

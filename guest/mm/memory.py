@@ -200,6 +200,7 @@ class MemoryManager:
         self.stats = MmStats()
         self.allocations: dict[str, RangeSet] = {}
         self._online_page_callback: OnlinePageCallback | None = None
+        self._online_page_callback_owner = ""
         #: Called with each newly added block (the KOBJ_ADD uevent udev rules react to).
         self.block_added_hooks: list[Callable[[MemoryBlock], None]] = []
         #: Called at each onlining phase (PHASE_CALLBACKS_DONE, PHASE_WINDOW) with the block.
@@ -347,13 +348,23 @@ class MemoryManager:
 
     # -- online_page_callback ---------------------------------------------------
 
-    def set_online_page_callback(self, callback: OnlinePageCallback) -> None:
-        """Install a callback; -EINVAL unless the generic one is installed."""
+    def set_online_page_callback(
+        self, callback: OnlinePageCallback, *, owner: str | None = None
+    ) -> None:
+        """Install a callback; -EINVAL unless the generic one is installed.
+
+        ``owner`` (the driver's name) is only remembered so the refusal can say who
+        holds the callback; the kernel keeps no such name.
+        """
         if self._online_page_callback is not None:
+            holder = self._online_page_callback_owner
             raise MemoryHotplugError(
-                EINVAL, "set_online_page_callback: another online_page_callback is installed"
+                EINVAL,
+                "set_online_page_callback: another online_page_callback is installed"
+                + (f" (by {holder})" if holder else ""),
             )
         self._online_page_callback = callback
+        self._online_page_callback_owner = owner or str(getattr(callback, "__qualname__", ""))
 
     def restore_online_page_callback(self, callback: OnlinePageCallback) -> None:
         """Put ``generic_online_page`` back; -EINVAL unless ``callback`` is installed."""
@@ -363,10 +374,16 @@ class MemoryManager:
                 EINVAL, "restore_online_page_callback: that callback is not the installed one"
             )
         self._online_page_callback = None
+        self._online_page_callback_owner = ""
 
     @property
     def online_page_callback_installed(self) -> bool:
         return self._online_page_callback is not None
+
+    @property
+    def online_page_callback_owner(self) -> str | None:
+        """Who installed the non-generic callback (None: ``generic_online_page``)."""
+        return self._online_page_callback_owner if self._online_page_callback else None
 
     def generic_online_page(self, pfn: int, order: int) -> None:
         """Hand ``2^order`` pages at ``pfn`` to the buddy (clears PageOffline)."""
@@ -470,6 +487,18 @@ class MemoryManager:
                         self.online_block(block.id, self.auto_online_blocks)
         return new_blocks
 
+    def add_memory_driver_managed(
+        self, start_pfn: int, nr_pages: int, *, owner: str
+    ) -> list[MemoryBlock]:
+        """``add_memory_driver_managed``: :meth:`add_memory` for memory a driver manages.
+
+        What differs in Linux is the resource ("System RAM (virtio_mem)", which kexec
+        and /proc/iomem users treat as driver-managed) and that the memmap never comes
+        from the memory itself (virtio-mem does not ask for ``MHP_MEMMAP_ON_MEMORY``);
+        the model has no resource tree, so only the latter shows.
+        """
+        return self.add_memory(start_pfn, nr_pages, owner=owner, memmap_on_memory=False)
+
     def _add_memory_locked(
         self, start_pfn: int, nr_pages: int, owner: str | None, memmap_on_memory: bool | None
     ) -> list[MemoryBlock]:
@@ -569,6 +598,44 @@ class MemoryManager:
         self.pages.set(start_pfn, end_pfn, ABSENT_PAGE)
         self.present_sections.remove(start_pfn, end_pfn)
         self.onlined.remove(start_pfn, end_pfn)
+
+    def offline_and_remove_memory(self, start_pfn: int, nr_pages: int) -> None:
+        """``offline_and_remove_memory`` (5.8+): offline every online block of the range, remove it.
+
+        When a block fails to go offline, the blocks this call offlined go online again
+        in their zones (``online_kernel`` / ``online_movable``) and the error is raised;
+        nothing is removed. Raises HotplugLockBusy, before doing anything, while a
+        suspended onlining holds ``mem_hotplug_lock``.
+        """
+        block_pages = self.geometry.block_pages
+        if nr_pages <= 0 or start_pfn % block_pages or nr_pages % block_pages:
+            raise MemoryHotplugError(
+                EINVAL, "offline_and_remove_memory: range not aligned to the block size"
+            )
+        if self.hotplug_lock_holder is not None:
+            raise HotplugLockBusy(f"mem_hotplug_lock held by {self.hotplug_lock_holder}")
+        ids = range(start_pfn // block_pages, (start_pfn + nr_pages) // block_pages)
+        for block_id in ids:
+            block = self.blocks.get(block_id)
+            if block is None or block.boot:
+                raise MemoryHotplugError(
+                    EINVAL, f"offline_and_remove_memory: memory{block_id} is not hot-added memory"
+                )
+        offlined: list[tuple[int, str]] = []
+        try:
+            for block_id in ids:
+                block = self.blocks[block_id]
+                if block.state == STATE_ONLINE:
+                    zone = block.zone or ZONE_NORMAL
+                    self.offline_block(block_id)
+                    offlined.append((block_id, zone))
+            self.remove_memory(start_pfn, nr_pages)
+        except MemoryHotplugError:
+            for block_id, zone in reversed(offlined):
+                online_type = MMOP_ONLINE_MOVABLE if zone == ZONE_MOVABLE else MMOP_ONLINE_KERNEL
+                with contextlib.suppress(MemoryHotplugError):
+                    self.online_block(block_id, online_type)
+            raise
 
     # -- online ----------------------------------------------------------------
 
@@ -836,6 +903,80 @@ class MemoryManager:
                 assert block is not None and block.zone is not None
                 self.pages.set(bs, be, BUDDY_PAGE)
                 self.zones[block.zone].free_area.free_range(bs, be, isolated=block.isolated)
+
+    # -- contiguous ranges ---------------------------------------------------------
+
+    def alloc_contig_range(self, start: int, end: int, owner: str = "contig") -> None:
+        """``alloc_contig_range(start, end, MIGRATE_MOVABLE)``: hand ``[start, end)`` to the caller.
+
+        Every page must be free or hold a movable allocation (ZONE_MOVABLE allocations
+        are movable; ZONE_NORMAL ones are kernel allocations and unmovable unless made
+        movable): the pageblocks are isolated, movable allocations migrate out (to
+        ZONE_MOVABLE first, then ZONE_NORMAL, never into the range), and then every
+        page belongs to the caller (refcount 1, ``owner``). Managed counts do not
+        change: the caller adjusts them. -EBUSY: a page that cannot move (an unmovable
+        allocation, reserved memory, a PageOffline page); -ENOMEM: nowhere to migrate
+        to; -EINVAL: the range is not online memory of one zone. Nothing changes on
+        failure.
+        """
+        zone_name = self._contig_zone(start, end)
+        need = 0
+        for s, _e, state in self.pages.runs(start, end):
+            if state.kind == BUDDY:
+                continue
+            if state.kind == ALLOCATED and state.movable:
+                need += _e - s
+                continue
+            raise MemoryHotplugError(
+                EBUSY,
+                f"alloc_contig_range: unmovable page at pfn {s:#x} ({state.kind}"
+                f"{' ' + state.owner if state.owner else ''})",
+            )
+        area = self.zones[zone_name].free_area
+        # start_isolate_page_range: the range's free pages are no migration target.
+        area.isolate(start, end)
+        targets = sum(
+            self.zones[z].free_area.allocatable_pages for z in (ZONE_MOVABLE, ZONE_NORMAL)
+        )
+        if targets < need:
+            area.unisolate(start, end, to_tail=False)
+            raise MemoryHotplugError(
+                ENOMEM,
+                f"alloc_contig_range: no room to migrate {need} pages out of "
+                f"[{start:#x}, {end:#x})",
+            )
+        self._migrate_range(start, end, zone_name)
+        # Every page of the range is now free and isolated: take them all.
+        assert area.isolated.covers(start, end)
+        area.isolated.remove(start, end)
+        self.pages.set(start, end, reserved(owner))
+
+    def _contig_zone(self, start: int, end: int) -> str:
+        zones = set()
+        for bs, _be in self._split_by_block(start, end):
+            block = self.block_of(bs)
+            if block is None or block.state != STATE_ONLINE or block.zone is None:
+                raise MemoryHotplugError(
+                    EINVAL, f"alloc_contig_range: pfn {bs:#x} is not in online memory"
+                )
+            zones.add(block.zone)
+        if len(zones) != 1:
+            raise MemoryHotplugError(EINVAL, "alloc_contig_range: the range spans zones")
+        return zones.pop()
+
+    def free_contig_range(self, start: int, end: int) -> None:
+        """``free_contig_range``: the caller's pages ``[start, end)`` back to the buddy.
+
+        Managed counts do not change (the caller adjusts them, as after
+        :meth:`alloc_contig_range`).
+        """
+        for s, _e, state in self.pages.runs(start, end):
+            if state.kind in (ABSENT, UNINIT, BUDDY, ALLOCATED):
+                raise MemoryHotplugError(
+                    EINVAL,
+                    f"free_contig_range: {state.kind} page at pfn {s:#x} is not the caller's",
+                )
+        self.free_offline_pages(start, end)
 
     # -- PageOffline helpers for drivers ----------------------------------------
 

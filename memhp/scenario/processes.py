@@ -117,6 +117,13 @@ class StepProgress:
 def check_supported(scenario: Scenario) -> None:
     """Raise :class:`ScenarioError` for a VM option the guest agent cannot take."""
     for vm in scenario.vms:
+        if vm.protocol != "hyperv-dm":
+            raise ScenarioError(
+                scenario.path,
+                vm.line,
+                f"vm {vm.id}: protocol {vm.protocol} is not supported with --processes yet "
+                "(the hypervisor has no virtio-mem channel)",
+            )
         if vm.onlining_jitter:
             raise ScenarioError(
                 scenario.path,

@@ -19,10 +19,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from guest.drivers.virtio_mem import VirtioMem
 from guest.mm.pages import ALLOCATED, BUDDY, OWNER_BALLOON, PAGE_OFFLINE, RESERVED
 from guest.vm import GuestVm
 from memhp.units import PAGE_SHIFT, SizeError, parse_size
 from memhp.v1 import guest_pb2
+from memhp.virtio_mem import VirtioMemConfig
 
 #: ``/proc/meminfo`` fields in the order the guest model lists them.
 MEMINFO_ORDER = ("MemTotal", "MemFree", "MemAvailable", "Balloon")
@@ -141,7 +143,8 @@ def sysfs_outcome(expect_error: Any, error: str | None) -> dict[str, str] | None
 
 
 def guest_view(guest: GuestVm) -> dict[str, Any]:
-    mm, driver = guest.mm, guest.driver
+    """The guest's part of a VM's view (``counters`` and ``regions`` only with hv_balloon)."""
+    mm, driver = guest.mm, guest.hv_balloon
     blocks = [
         {
             "index": b.id,
@@ -151,6 +154,15 @@ def guest_view(guest: GuestVm) -> dict[str, Any]:
         }
         for b in sorted(mm.blocks.values(), key=lambda b: b.id)
     ]
+    pages = {
+        "buddy": mm.count_pages(BUDDY),
+        "allocated": mm.count_pages(ALLOCATED),
+        "page_offline": mm.count_pages(PAGE_OFFLINE),
+        "ballooned": mm.count_pages(PAGE_OFFLINE, OWNER_BALLOON),
+        "reserved": mm.count_pages(RESERVED),
+    }
+    if driver is None:
+        return {"blocks": blocks, "meminfo": mm.meminfo(), "pages": pages}
     regions = [
         {
             "start": has.start_pfn,
@@ -172,14 +184,46 @@ def guest_view(guest: GuestVm) -> dict[str, Any]:
             "num_pages_ballooned": c.num_pages_ballooned,
         },
         "regions": regions,
-        "pages": {
-            "buddy": mm.count_pages(BUDDY),
-            "allocated": mm.count_pages(ALLOCATED),
-            "page_offline": mm.count_pages(PAGE_OFFLINE),
-            "ballooned": mm.count_pages(PAGE_OFFLINE, OWNER_BALLOON),
-            "reserved": mm.count_pages(RESERVED),
-        },
+        "pages": pages,
     }
+
+
+def virtio_mem_view(
+    config: VirtioMemConfig, *, answered: dict[str, int], driver: VirtioMem | None
+) -> dict[str, Any]:
+    """A VM's virtio-mem device (its config space, in pages) and the guest driver's state.
+
+    The device side is what QEMU's ``query-memory-devices`` shows (``requested``,
+    ``plugged``, ``block_size``, ``region``); ``answered`` counts the requests by answer.
+    """
+    view: dict[str, Any] = {
+        "requested": config.requested_size >> PAGE_SHIFT,
+        "plugged": config.plugged_size >> PAGE_SHIFT,
+        "usable_region": config.usable_region_size >> PAGE_SHIFT,
+        "region": config.region_size >> PAGE_SHIFT,
+        "block_size": config.block_size >> PAGE_SHIFT,
+        "start_pfn": config.addr >> PAGE_SHIFT,
+        "answered": dict(sorted(answered.items())),
+    }
+    if driver is not None:
+        unit = driver.sb_size if driver.in_sbm else driver.bb_size
+        view["driver"] = {
+            "mode": driver.mode,
+            "probed": driver.probed,
+            "broken": driver.broken,
+            "requested": driver.requested_size >> PAGE_SHIFT,
+            "plugged": driver.plugged_size >> PAGE_SHIFT,
+            "unit": unit >> PAGE_SHIFT,
+            "offline": driver.offline_size >> PAGE_SHIFT,
+            "offline_threshold": driver.offline_threshold >> PAGE_SHIFT,
+            "retry_timer_armed": driver.retry_timer_deadline is not None,
+            "retry_timer_ms": driver.retry_timer_ms,
+            "blocks": {
+                str(block): {"state": state, "plugged": driver.block_plugged_pages(block)}
+                for block, state in driver.block_states().items()
+            },
+        }
+    return view
 
 
 def _zone(zone: str) -> str | None:
@@ -239,15 +283,27 @@ def vm_view(
     *,
     strategy: str,
     driver_mode: str,
-    host: dict[str, Any],
+    host: dict[str, Any] | None,
     violations: list[Violation],
     full: bool = False,
+    protocol: str = "hyperv-dm",
+    virtio_mem: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A VM's view: what ``expect`` looks up, and (``full``) what the result shows."""
+    """A VM's view: what ``expect`` looks up, and (``full``) what the result shows.
+
+    A Hyper-V DM VM's view is what it always was; a VM with a virtio-mem device also
+    has ``protocol`` and ``virtio_mem``, and one without a DM device has no
+    ``strategy``, ``driver_mode`` or ``host``.
+    """
     view = dict(guest)
-    view["strategy"] = strategy
-    view["driver_mode"] = driver_mode
-    view["host"] = host
+    if host is not None:
+        view["strategy"] = strategy
+        view["driver_mode"] = driver_mode
+        view["host"] = host
+    if protocol != "hyperv-dm":
+        view["protocol"] = protocol
+    if virtio_mem is not None:
+        view["virtio_mem"] = virtio_mem
     view["violations"] = (
         [v.as_dict() for v in violations] if full else [v.invariant for v in violations]
     )

@@ -1,7 +1,10 @@
 """Run a scenario in one process under a virtual clock.
 
-One :class:`hypervisor.dm_host.DmHostSession` and one :class:`guest.vm.GuestVm`
-per VM, wired by in-memory message passing. Time only moves when nothing is
+One :class:`hypervisor.dm_host.DmHostSession` (``protocol: hyperv-dm``) or one
+:class:`hypervisor.virtio_mem_host.VirtioMemDevice` (``protocol: virtio-mem``) and one
+:class:`guest.vm.GuestVm` per VM, wired by in-memory message passing (a virtio-mem
+response travels with the device's config space as it reads after the request, a
+``resize`` with the config interrupt). Time only moves when nothing is
 left to do now: the clock jumps to the next timer (an onlining delay, the 5 s
 onlining wait of hv_balloon, a status report), so a run is deterministic for a
 given scenario and seed and takes CPU time, not wall time.
@@ -26,9 +29,11 @@ from guest.invariants import check_guest
 from guest.mm.dump import walk_dump
 from guest.mm.errors import MemoryHotplugError
 from guest.mm.memory import STATE_ONLINE
+from guest.virtio_mem_invariants import check_virtio_mem
 from guest.vm import GuestConfig, GuestVm
 from hypervisor.dm_host import DmHostSession
 from hypervisor.errors import HostCommandError
+from hypervisor.virtio_mem_host import VirtioMemDevice
 from hypervisor.vm import VmConfig
 from memhp.logs import get_logger
 from memhp.scenario.result import (
@@ -45,11 +50,13 @@ from memhp.scenario.result import (
     record_violations,
     scenario_result,
     sysfs_outcome,
+    virtio_mem_view,
     vm_view,
 )
-from memhp.scenario.spec import Scenario, Step, VmSpec
+from memhp.scenario.spec import HYPERV_DM, VIRTIO_MEM, Scenario, Step, VmSpec
 from memhp.units import PAGE_SHIFT
 from memhp.view.timeline import Sample, Timeline
+from memhp.virtio_mem import AccessReport, VirtioMemConfig
 
 log = get_logger("memhp.scenario")
 
@@ -60,6 +67,7 @@ HOST_FIELDS: dict[str, dict[str, str]] = {
     "set_target": {"pages": "size"},
     "balloon": {"pages": "size"},
     "unballoon": {"pages": "size"},
+    "resize": {"requested_size": "size"},
 }
 
 #: A step that has not settled after this much virtual time is reported stuck.
@@ -82,14 +90,44 @@ __all__ = [
 
 @dataclass
 class Node:
-    """One VM: the host session that serves it and the guest it serves."""
+    """One VM: the host side that serves it (DM session, virtio-mem device) and the guest."""
 
     spec: VmSpec
-    host: DmHostSession
+    dm: DmHostSession | None
     guest: GuestVm
+    device: VirtioMemDevice | None = None
     events: deque[str] = field(default_factory=lambda: deque(maxlen=TRACE_LENGTH))
     seen: set[Finding] = field(default_factory=set)
     violations: list[Violation] = field(default_factory=list)
+
+    @property
+    def host(self) -> DmHostSession:
+        """The DM host session; StepFailed for a VM without a Hyper-V DM device."""
+        if self.dm is None:
+            raise StepFailed(
+                f"vm {self.spec.id} has no Hyper-V DM device (protocol {self.spec.protocol})"
+            )
+        return self.dm
+
+    @property
+    def virtio(self) -> VirtioMemDevice:
+        """The virtio-mem device; StepFailed for a VM without one."""
+        if self.device is None:
+            raise StepFailed(
+                f"vm {self.spec.id} has no virtio-mem device (protocol {self.spec.protocol})"
+            )
+        return self.device
+
+    def backed(self) -> RangeSet:
+        """What the host backs: the DM ground truth, or boot memory plus plugged memory."""
+        if self.dm is not None:
+            return self.dm.backed
+        backed = RangeSet()
+        backed.add(0, self.spec.boot_memory >> PAGE_SHIFT)
+        if self.device is not None:
+            for s, e in self.device.plugged.ranges():
+                backed.add(s, e)
+        return backed
 
 
 class ScenarioRunner:
@@ -118,15 +156,33 @@ class ScenarioRunner:
 
     def _make_node(self, spec: VmSpec) -> Node:
         block_pages = spec.block_size >> PAGE_SHIFT
-        host = DmHostSession(
-            VmConfig(
+        host: DmHostSession | None = None
+        if HYPERV_DM in spec.protocols:
+            host = DmHostSession(
+                VmConfig(
+                    vm_id=spec.id,
+                    boot_pages=spec.boot_memory >> PAGE_SHIFT,
+                    max_pages=spec.max_memory >> PAGE_SHIFT,
+                    block_pages=block_pages,
+                ),
+                post_init_delay=POST_INIT_DELAY[self.scenario.profile],
+            )
+        device: VirtioMemDevice | None = None
+        vmem = spec.virtio_mem
+        if VIRTIO_MEM in spec.protocols:
+            assert vmem is not None  # the parser requires it
+            device = VirtioMemDevice(
+                VirtioMemConfig(
+                    block_size=vmem.block_size,
+                    node_id=vmem.node,
+                    addr=vmem.addr,
+                    region_size=vmem.region_size,
+                    usable_region_size=0,
+                    plugged_size=0,
+                    requested_size=vmem.requested,
+                ),
                 vm_id=spec.id,
-                boot_pages=spec.boot_memory >> PAGE_SHIFT,
-                max_pages=spec.max_memory >> PAGE_SHIFT,
-                block_pages=block_pages,
-            ),
-            post_init_delay=POST_INIT_DELAY[self.scenario.profile],
-        )
+            )
         node_ref: list[Node] = []
 
         def on_event(kind: str, data: dict[str, Any]) -> None:
@@ -146,12 +202,19 @@ class ScenarioRunner:
                 onlining_jitter=spec.onlining_jitter,
                 memmap_on_memory=spec.memmap_on_memory,
                 pressure_report_delay=spec.pressure_report_delay,
+                protocol=spec.protocol,
+                virtio_mem_force_bbm=vmem.force_bbm if vmem else False,
+                virtio_mem_unplug_online=vmem.unplug_online if vmem else True,
+                virtio_mem_bbm_safe_unplug=vmem.bbm_safe_unplug if vmem else True,
             ),
             now=self.now,
             on_event=on_event,
             rng=random.Random(f"{self.seed}:{spec.id}"),
         )
-        node = Node(spec, host, guest)
+        if device is not None:
+            # The device's config space, as the guest finds it at attach.
+            guest.attach_virtio_mem(device.config)
+        node = Node(spec, host, guest, device)
         node_ref.append(node)
         return node
 
@@ -170,24 +233,42 @@ class ScenarioRunner:
             moving = False
             for node in self.nodes.values():
                 node.guest.run_until(self.now)
-                for msg in node.guest.drain_outbox():
-                    moving = True
-                    for reply in node.host.receive(msg, self.now):
+                if node.dm is not None:
+                    for msg in node.guest.drain_outbox():
+                        moving = True
+                        for reply in node.dm.receive(msg, self.now):
+                            node.guest.deliver(reply)
+                    for reply in node.dm.tick(self.now):
+                        moving = True
                         node.guest.deliver(reply)
-                for reply in node.host.tick(self.now):
-                    moving = True
-                    node.guest.deliver(reply)
-                for event in node.host.drain_events():
-                    self._trace(node, "host", event.kind, event.data)
+                    for event in node.dm.drain_events():
+                        self._trace(node, "host", event.kind, event.data)
+                if node.device is not None and node.guest.virtio_mem:
+                    moving |= self._pump_virtio(node, node.device)
                 if node.guest.scheduler.busy:
                     moving = True
+
+    def _pump_virtio(self, node: Node, device: VirtioMemDevice) -> bool:
+        """The virtio-mem queue: requests answered (with the config after them), accesses."""
+        msgs = node.guest.drain_virtio_outbox()
+        for msg in msgs:
+            if isinstance(msg, AccessReport):
+                device.check_access(msg.ranges, msg.what)
+            else:
+                node.guest.deliver_virtio(device.request(msg, self.now), device.config)
+        for event in device.drain_events():
+            self._trace(node, "host", event.kind, event.data)
+        return bool(msgs)
 
     def _deliver(self, node: Node, messages: list[Any]) -> None:
         for msg in messages:
             node.guest.deliver(msg)
 
     def _busy(self) -> bool:
-        return any(node.guest.busy or node.host.busy for node in self.nodes.values())
+        return any(
+            node.guest.busy or (node.dm is not None and node.dm.busy)
+            for node in self.nodes.values()
+        )
 
     def _next_deadline(self) -> float | None:
         deadlines: list[float] = []
@@ -195,7 +276,7 @@ class ScenarioRunner:
             d = node.guest.next_deadline()
             if d is not None:
                 deadlines.append(d)
-            h = node.host.next_deadline()
+            h = node.dm.next_deadline() if node.dm is not None else None
             if h is not None:
                 deadlines.append(h)
         return min(deadlines) if deadlines else None
@@ -230,9 +311,13 @@ class ScenarioRunner:
     # -- running -------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
-        for node in self.nodes.values():
-            node.guest.start()
         self.current_step = "setup"
+        for node in self.nodes.values():
+            try:
+                node.guest.start()
+            except MemoryHotplugError as err:
+                # A driver's probe failed (two drivers for the one online_page_callback).
+                raise StepFailed(f"setup: vm {node.spec.id}: {err.message}") from None
         self.settle()
         self.check()
         self.sample()
@@ -281,15 +366,28 @@ class ScenarioRunner:
 
     def check(self) -> None:
         for node in self.nodes.values():
-            offered = RangeSet()
-            for region in node.host.regions:
-                for s, e in region.backed.ranges():
-                    offered.add(s, e)
-            findings = check_guest(node.guest.mm, node.guest.driver, node.host.backed, offered)
+            mm = node.guest.mm
+            if node.dm is not None:
+                offered = RangeSet()
+                for region in node.dm.regions:
+                    for s, e in region.backed.ranges():
+                        offered.add(s, e)
+                findings = check_guest(mm, node.guest.hv_balloon, node.dm.backed, offered)
+            else:
+                findings = check_guest(mm, None, None)
+            device = node.device
+            if device is not None:
+                for driver in node.guest.virtio_mem:
+                    findings += check_virtio_mem(mm, driver, device.plugged, device.plugged_size)
             items: list[Finding] = [
                 (f.invariant, f.start_pfn, f.end_pfn, f.message) for f in findings
             ]
-            for violation in [*node.host.violations, *node.host.protocol_errors]:
+            host_findings = []
+            if node.dm is not None:
+                host_findings += [*node.dm.violations, *node.dm.protocol_errors]
+            if device is not None:
+                host_findings += [*device.violations, *device.protocol_errors]
+            for violation in host_findings:
                 items.append(
                     (
                         str(violation.kind),
@@ -406,8 +504,13 @@ class ScenarioRunner:
     def _step_advance(self, node: Node | None, a: dict[str, Any]) -> Any:
         self.advance(a["seconds"])
 
+    def _step_resize(self, node: Node, a: dict[str, Any]) -> Any:
+        change = node.virtio.resize(a["size"], self.now)
+        # The config interrupt.
+        node.guest.virtio_config_changed(change.config)
+
     def _step_dump(self, node: Node, a: dict[str, Any]) -> Any:
-        report = walk_dump(node.guest.mm, node.host.backed, skip_free=bool(a.get("skip_free")))
+        report = walk_dump(node.guest.mm, node.backed(), skip_free=bool(a.get("skip_free")))
         record_dump(
             node.seen,
             node.violations,
@@ -427,18 +530,24 @@ class ScenarioRunner:
     # -- results -----------------------------------------------------------------------------
 
     def vm_view(self, node: Node, *, full: bool = False) -> dict[str, Any]:
+        dm, device = node.dm, node.device
         return vm_view(
             guest_view(node.guest),
             strategy=node.spec.strategy,
             driver_mode=node.spec.driver_mode,
-            host=host_view(
-                node.host.target_pages,
-                node.host.current_pages,
-                len(node.host.backed),
-                node.host.state,
-            ),
+            host=None
+            if dm is None
+            else host_view(dm.target_pages, dm.current_pages, len(dm.backed), dm.state),
             violations=node.violations,
             full=full,
+            protocol=node.spec.protocol,
+            virtio_mem=None
+            if device is None
+            else virtio_mem_view(
+                device.config,
+                answered=device.answered,
+                driver=node.guest.virtio_mem[0] if node.guest.virtio_mem else None,
+            ),
         )
 
     def result(self) -> dict[str, Any]:

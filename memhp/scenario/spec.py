@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from memhp.units import SizeError, format_size, parse_size
+from memhp.units import SizeError, align_up, format_size, is_power_of_two, parse_size
 
 STRATEGIES = ("callback", "going-online", "online-then-reclaim")
 DRIVER_MODES = ("upstream", "fixed")
@@ -23,6 +23,14 @@ ONLINE_TYPES = ("offline", "online", "online_kernel", "online_movable")
 ZONES = ("Normal", "Movable")
 NOTIFIER_ACTIONS = ("MEM_GOING_ONLINE", "MEM_GOING_OFFLINE")
 PROFILES = ("default", "qemu")
+HYPERV_DM = "hyperv-dm"
+VIRTIO_MEM = "virtio-mem"
+PROTOCOLS = (HYPERV_DM, VIRTIO_MEM, f"{HYPERV_DM}+{VIRTIO_MEM}")
+#: Steps that talk to a Hyper-V DM device, and to a virtio-mem device.
+HYPERV_STEPS = ("hot_add", "back", "set_target", "balloon", "unballoon")
+VIRTIO_STEPS = ("resize",)
+#: QEMU's smallest virtio-mem block.
+VIRTIO_MEM_MIN_BLOCK = 1 << 20
 
 
 class ScenarioError(Exception):
@@ -88,6 +96,24 @@ _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _constru
 
 
 @dataclass
+class VirtioMemSpec:
+    """A VM's virtio-mem device (bytes): QEMU's ``virtio-mem-pci`` properties."""
+
+    region_size: int
+    block_size: int = 2 << 20
+    requested: int = 0
+    #: Default (set by the parser): the first address above ``max_memory`` aligned to
+    #: max(1 GiB, the memory block, the device block).
+    addr: int = 0
+    node: int = 0
+    #: virtio_mem module parameters of the guest.
+    force_bbm: bool = False
+    unplug_online: bool = True
+    bbm_safe_unplug: bool = True
+    line: int = 0
+
+
+@dataclass
 class VmSpec:
     id: str
     boot_memory: int
@@ -103,6 +129,12 @@ class VmSpec:
     pressure_report_delay: int = 0
     expect_violations: list[str] = field(default_factory=list)
     line: int = 0
+    protocol: str = HYPERV_DM
+    virtio_mem: VirtioMemSpec | None = None
+
+    @property
+    def protocols(self) -> tuple[str, ...]:
+        return tuple(self.protocol.split("+"))
 
 
 @dataclass
@@ -163,6 +195,7 @@ STEP_KEYS: dict[str, tuple[set[str], set[str]]] = {
     "inject": ({"vm"}, {"notifier", "errno", "count", "slow_onlining"}),
     "advance": ({"seconds"}, set()),
     "dump": ({"vm"}, {"skip_free"}),
+    "resize": ({"vm", "size"}, set()),
     "expect": ({"vm"}, set()),  # any other key is a result path
 }
 
@@ -232,6 +265,25 @@ def parse_scenario(text: str, path: str = "<scenario>") -> Scenario:
         p.step(s, i, set(ids), _item_line(steps_raw, i, doc.key_lines["steps"]))
         for i, s in enumerate(steps_raw)
     ]
+    by_id = {v.id: v for v in vms}
+    for step in steps:
+        target = by_id.get(step.args.get("vm", ""))
+        if target is None:
+            continue
+        if step.kind in HYPERV_STEPS and HYPERV_DM not in target.protocols:
+            raise ScenarioError(
+                path,
+                step.line,
+                f"step {step.index + 1} ({step.kind}): vm {target.id} has no Hyper-V DM device "
+                f"(protocol {target.protocol})",
+            )
+        if step.kind in VIRTIO_STEPS and VIRTIO_MEM not in target.protocols:
+            raise ScenarioError(
+                path,
+                step.line,
+                f"step {step.index + 1} ({step.kind}): vm {target.id} has no virtio-mem device "
+                f"(protocol {target.protocol})",
+            )
     return Scenario(
         path=path,
         name=str(doc.get("name", Path(path).stem)),
@@ -296,10 +348,22 @@ class _Parser:
         if not isinstance(raw, _Map):
             raise self.fail(line, "each entry of vms must be a mapping")
         what = f"vm {raw.get('id', '?')}"
+        protocol = raw.get("protocol", HYPERV_DM)
+        if protocol not in PROTOCOLS:
+            raise self.fail(
+                raw.key_lines["protocol"],
+                f"{what}.protocol: must be one of {', '.join(PROTOCOLS)}, not {protocol!r}",
+            )
+        virtio = VIRTIO_MEM in protocol.split("+")
         self.keys(
             raw,
-            {"id", "boot_memory", "max_memory"},
+            {"id", "boot_memory"}
+            | ({"virtio_mem"} if virtio else set())
+            | ({"max_memory"} if HYPERV_DM in protocol.split("+") else set()),
             {
+                "max_memory",
+                "protocol",
+                "virtio_mem",
                 "block_size",
                 "strategy",
                 "driver_mode",
@@ -313,12 +377,19 @@ class _Parser:
             },
             what,
         )
+        boot = self.size(raw, "boot_memory", what)
         spec = VmSpec(
             id=str(raw["id"]),
-            boot_memory=self.size(raw, "boot_memory", what),
-            max_memory=self.size(raw, "max_memory", what),
+            boot_memory=boot,
+            max_memory=self.size(raw, "max_memory", what) if "max_memory" in raw else boot,
             line=raw.line,
+            protocol=str(protocol),
         )
+        if "virtio_mem" in raw and not virtio:
+            raise self.fail(
+                raw.key_lines["virtio_mem"],
+                f"{what}.virtio_mem: only with protocol {VIRTIO_MEM} (this vm has {protocol})",
+            )
         if "block_size" in raw:
             spec.block_size = self.size(raw, "block_size", what)
             bs = spec.block_size
@@ -370,6 +441,77 @@ class _Parser:
             raise self.fail(
                 raw.key_lines["max_memory"], f"{what}.max_memory: must be at least boot_memory"
             )
+        if virtio:
+            spec.virtio_mem = self.virtio_mem(raw["virtio_mem"], raw.key_lines["virtio_mem"], spec)
+        return spec
+
+    def virtio_mem(self, raw: Any, line: int, vm: VmSpec) -> VirtioMemSpec:
+        """A vm's ``virtio_mem:`` mapping, checked with QEMU's rules (realize)."""
+        what = f"vm {vm.id}.virtio_mem"
+        if not isinstance(raw, _Map):
+            raise self.fail(line, f"{what}: must be a mapping (region_size, block_size, ...)")
+        self.keys(
+            raw,
+            {"region_size"},
+            {
+                "block_size",
+                "requested",
+                "addr",
+                "node",
+                "force_bbm",
+                "unplug_online",
+                "bbm_safe_unplug",
+            },
+            what,
+        )
+        spec = VirtioMemSpec(region_size=self.size(raw, "region_size", what), line=raw.line)
+        if "block_size" in raw:
+            spec.block_size = self.size(raw, "block_size", what)
+        block = spec.block_size
+        if block < VIRTIO_MEM_MIN_BLOCK or not is_power_of_two(block):
+            raise self.fail(
+                raw.key_lines.get("block_size", raw.line),
+                f"{what}.block_size: must be a power of two of at least 1M",
+            )
+        if "requested" in raw:
+            spec.requested = self.size(raw, "requested", what)
+        # QEMU places the device above the VM's memory (and its hot-add window).
+        align = max(1 << 30, vm.block_size, block)
+        spec.addr = align_up(vm.max_memory, align)
+        if "addr" in raw:
+            spec.addr = self.size(raw, "addr", what)
+            if spec.addr < vm.max_memory:
+                raise self.fail(
+                    raw.key_lines["addr"],
+                    f"{what}.addr: must not overlap the vm's memory (below {vm.max_memory >> 20}M)",
+                )
+        for key in ("region_size", "requested", "addr"):
+            value = getattr(spec, key)
+            if value % block:
+                raise self.fail(
+                    raw.key_lines.get(key, raw.line),
+                    f"{what}.{key}: must be a multiple of block_size ({block >> 20}M)",
+                )
+        if spec.region_size == 0:
+            raise self.fail(raw.key_lines["region_size"], f"{what}.region_size: must not be 0")
+        if spec.requested > spec.region_size:
+            raise self.fail(
+                raw.key_lines["requested"], f"{what}.requested: must not exceed region_size"
+            )
+        if spec.addr + spec.region_size > 1 << 46:
+            raise self.fail(
+                raw.key_lines["region_size"],
+                f"{what}: the region ends beyond the 64 TiB of guest physical addresses",
+            )
+        if "node" in raw:
+            spec.node = int(self.number(raw, "node", what, integer=True))
+            if spec.node > 0xFFFF:
+                raise self.fail(raw.key_lines["node"], f"{what}.node: must be 0..65535")
+        for key in ("force_bbm", "unplug_online", "bbm_safe_unplug"):
+            if key in raw:
+                if not isinstance(raw[key], bool):
+                    raise self.fail(raw.key_lines[key], f"{what}.{key}: must be true or false")
+                setattr(spec, key, raw[key])
         return spec
 
     def step(self, raw: Any, index: int, vm_ids: set[str], line: int) -> Step:

@@ -22,10 +22,16 @@ import pytest
 
 from memhp.scenario.processes import ProcessRunner
 from memhp.scenario.result import StepFailed, without_time
-from memhp.scenario.spec import parse_scenario
+from memhp.scenario.spec import load_scenario, parse_scenario
 
 REPO = Path(__file__).resolve().parents[2]
-BUNDLED = sorted((REPO / "scenarios").glob("*.yaml"))
+#: The bundled scenarios the multi-process runner plays (virtio-mem has no gRPC channel
+#: yet: ``--processes`` refuses it, see tests/scenario/test_virtio_mem.py).
+BUNDLED = [
+    path
+    for path in sorted((REPO / "scenarios").glob("*.yaml"))
+    if all(vm.protocol == "hyperv-dm" for vm in load_scenario(path).vms)
+]
 RUN_TIMEOUT = 120.0
 
 #: Every step kind the bundled scenarios leave out: sysfs writes with and without

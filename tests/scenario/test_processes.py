@@ -26,7 +26,7 @@ from memhp.scenario.result import guest_view, guest_view_pb, without_time
 from memhp.scenario.runner import Node, ScenarioRunner
 from memhp.scenario.spec import ScenarioError, load_scenario, parse_scenario
 from memhp.v1 import guest_pb2, guest_pb2_grpc
-from tests.scenario.helpers import BUNDLED, SCENARIOS_DIR, VM_G, doc
+from tests.scenario.helpers import BUNDLED_HYPERV, SCENARIOS_DIR, VM_G, doc
 
 MIB_PAGES = 256
 
@@ -49,14 +49,14 @@ def _truth(node: Node) -> guest_pb2.GetMemoryRequest:
     )
 
 
-@pytest.mark.parametrize("path", BUNDLED, ids=[p.stem for p in BUNDLED])
+@pytest.mark.parametrize("path", BUNDLED_HYPERV, ids=[p.stem for p in BUNDLED_HYPERV])
 def test_the_guest_agents_answer_gives_the_in_process_view(path: Path) -> None:
     for node in _played(path).nodes.values():
         memory = guest_memory_pb(node.guest)
         assert json.dumps(guest_view_pb(memory)) == json.dumps(guest_view(node.guest))
 
 
-@pytest.mark.parametrize("path", BUNDLED, ids=[p.stem for p in BUNDLED])
+@pytest.mark.parametrize("path", BUNDLED_HYPERV, ids=[p.stem for p in BUNDLED_HYPERV])
 def test_get_memory_with_the_host_truth_finds_what_the_runner_checks(path: Path) -> None:
     for node in _played(path).nodes.values():
         offered = RangeSet()

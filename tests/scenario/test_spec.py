@@ -310,6 +310,7 @@ def test_every_step_kind_is_known() -> None:
         "inject",
         "advance",
         "dump",
+        "resize",
         "expect",
     }
 
