@@ -557,6 +557,9 @@ class GuestAgent:
                     # costs a turn of the loop. The pump still runs for its timers.
                     async with self._step_lock:
                         await self._step(self.elapsed())
+                    # The answer is out; the pump recomputes its timers (the step may have
+                    # scheduled work, such as a udev onlining after its delay).
+                    self.wake()
                     continue
             elif kind == "error":
                 self._on_host_error(msg.error)

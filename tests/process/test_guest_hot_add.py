@@ -8,6 +8,7 @@ pages in between.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -127,3 +128,25 @@ async def test_host_reset_makes_the_guest_renegotiate_on_the_same_stream(
     assert len(hv.streams) == 1
     assert (await guest.memory()).dm_state == "DM_INITIALIZED"
     assert stream.host.protocol_errors == []
+
+
+async def test_udev_onlining_after_a_short_delay_is_not_the_5s_online_timeout(
+    hv: FakeHypervisor, children: list[GuestProcess], tmp_path: Path
+) -> None:
+    """hv_balloon waits up to 5 s per added block for it to come online; a udev rule that
+    onlines it 50 ms later must end that wait then (the agent has to wake for the rule's
+    timer while a frame was answered inline), not at the timeout."""
+    guest = await start_guest(
+        tmp_path, hv.address, "--udev-online", "online_movable", "--onlining-delay", "0.05"
+    )
+    children.append(guest)
+    await hv.negotiated()
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    hv.command(lambda h, now: h.hot_add(2 * BLOCK, 2 * BLOCK, now))
+    await wait_until(lambda: responses(hv), what="hot-add response", timeout=30)
+    took = loop.time() - start
+    # Two blocks: a timeout would cost 5 s each.
+    assert took < 4.0, f"the hot-add took {took:.1f} s: the onlining wait ran into its timeout"
+    mem = await guest.memory()
+    assert {b.index: b.state for b in mem.blocks if b.index >= 8} == {8: "online", 9: "online"}
