@@ -21,8 +21,9 @@ Where stdout is not a terminal (CI, a pipe, a test), or with ``--no-live``, prog
 plain lines (``step 3/15: hot_add callback: region 1G, backed 300M ... 3.05 s``) and
 the last frame of the view is printed once at the end. ``--json`` prints the
 scenario's JSON result instead of the summary, with the progress on stderr.
-``--mqtt URL`` has the hypervisor and the guests publish their events to that broker
-too (their ``--mqtt`` option).
+``--mqtt URL`` has the hypervisor and the guests publish their events and retained
+documents to that broker too (their ``--mqtt`` option), for ``memhp watch --mqtt URL``
+or any subscriber of ``memhp/v1/vm/+/#``; the demo's own view still reads gRPC.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from memhp.mqtt import broker_url_arg
 from memhp.procs import ChildFailed
 from memhp.scenario.processes import ProcessRunner, StepProgress, check_supported
 from memhp.scenario.result import StepFailed
@@ -50,7 +52,6 @@ from memhp.scenario.spec import Scenario, ScenarioError, load_scenario
 from memhp.units import format_size
 from memhp.view.grpc_source import DEFAULT_REFRESH, GrpcSource, SourceError
 from memhp.view.model import Fleet
-from memhp.view.mqtt_source import MqttUrlError, parse_mqtt_url
 from memhp.view.render import fleet_view
 from memhp.view.timeline import Sample, Timeline, TimelineError, check_timeline_path
 from memhp.view.timeline import write_timeline as write_timeline_file
@@ -142,18 +143,6 @@ class PlainProgress:
         else:
             self.out.write(f"FAILED after {p.elapsed:.2f} s: {p.error}\n")
         self.out.flush()
-
-
-def command_accepts(command: str, option: str) -> bool:
-    """Whether ``memhp COMMAND`` of this build takes ``option``."""
-    from memhp.cli import build_parser
-
-    parser = build_parser()
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            sub = action.choices.get(command)
-            return sub is not None and option in sub._option_string_actions
-    return False
 
 
 def _last_samples(timeline: Timeline) -> dict[str, Sample]:
@@ -259,16 +248,7 @@ async def demo(args: argparse.Namespace, console: Console, plain_out: IO[str]) -
     except OSError as err:
         sys.stderr.write(f"memhp demo: {path}: {err.strerror or err}\n")
         return EXIT_BAD_INPUT
-    extra: list[str] = []
-    if args.mqtt is not None:
-        for command in ("hypervisor", "guest"):
-            if not command_accepts(command, "--mqtt"):
-                sys.stderr.write(
-                    f"memhp demo: --mqtt: memhp {command} of this build has no --mqtt "
-                    "option (no MQTT publisher)\n"
-                )
-                return EXIT_BAD_INPUT
-        extra = ["--mqtt", args.mqtt]
+    extra = [] if args.mqtt is None else ["--mqtt", str(args.mqtt)]
 
     live = not args.no_live and not args.json and console.is_terminal
     timeline = Timeline(clock="wall time")
@@ -350,14 +330,6 @@ async def demo(args: argparse.Namespace, console: Console, plain_out: IO[str]) -
     return EXIT_OK if result["ok"] else EXIT_FAILED
 
 
-def _url(value: str) -> str:
-    try:
-        parse_mqtt_url(value)
-    except MqttUrlError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-    return value
-
-
 def _positive(value: str) -> float:
     from memhp.watch import _positive as positive
 
@@ -410,7 +382,7 @@ def add_subparser(subparsers: Any) -> None:
     )
     p.add_argument(
         "--mqtt",
-        type=_url,
+        type=broker_url_arg,
         metavar="URL",
         help="also publish the events: the processes' --mqtt mqtt://HOST[:PORT]",
     )

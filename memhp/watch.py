@@ -1,18 +1,22 @@
 """``memhp watch`` and ``memhp map``: the live view of every VM, and one VM's map as a picture.
 
     memhp watch [--hypervisor ADDR | --mqtt URL] [--vm ID]... [--once] [--refresh S]
-                [--events N]
+                [--events N] [--wait S]
     memhp map VM [--svg FILE] [--hypervisor ADDR] [--guest ADDR]
 
 ``watch`` draws one panel per VM (block map, sizes, transaction in flight, recent
 events) and redraws it every ``--refresh`` seconds, from the hypervisor's Control
 service and each guest's introspection (:mod:`memhp.view.grpc_source`) or from MQTT
 (:mod:`memhp.view.mqtt_source`). ``--once`` prints a single frame without colour or
-cursor movement and exits: what a script or a test reads. ``map`` asks once and writes
-the VM's block map as SVG (or prints its panel without ``--svg``).
+cursor movement and exits: what a script or a test reads. Over MQTT it first waits,
+``--wait`` seconds at most, until every VM it knows of (``--vm``, or named by any
+message) has its retained documents: the hypervisor's ``state``, and the guest's
+memory map unless no guest is attached; then it prints the frame, and names what did
+not come on stderr. ``map`` asks once and writes the VM's block map as SVG (or prints
+its panel without ``--svg``).
 
-Exit status: 0, 1 when the hypervisor, a VM or the broker cannot be reached, 2 for
-bad arguments.
+Exit status: 0, 1 when the hypervisor, a VM or the broker cannot be reached (over MQTT:
+a VM's documents did not all come in time), 2 for bad arguments.
 """
 
 from __future__ import annotations
@@ -28,9 +32,9 @@ from typing import Any
 from rich.console import Console, RenderableType
 from rich.live import Live
 
+from memhp.mqtt import BrokerUrl, broker_url_arg
 from memhp.view.grpc_source import DEFAULT_REFRESH, GrpcSource, SourceError
 from memhp.view.model import Fleet
-from memhp.view.mqtt_source import Broker, MqttUrlError, parse_mqtt_url
 from memhp.view.render import fleet_view, vm_panel
 from memhp.view.svg import map_svg
 
@@ -38,9 +42,10 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 DEFAULT_HYPERVISOR = "127.0.0.1:50051"
-#: --once over MQTT: stop when no message came for this long (the retained ones come first).
-MQTT_QUIET = 0.5
-MQTT_WAIT = 3.0
+#: --once over MQTT: seconds to wait for every VM's retained documents (--wait).
+MQTT_WAIT = 5.0
+#: What publishes each document, for the message naming what did not come.
+_PUBLISHERS = {"state": "memhp hypervisor", "guest": "its memhp guest"}
 
 
 def _positive(value: str) -> float:
@@ -51,13 +56,6 @@ def _positive(value: str) -> float:
     if number <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
     return number
-
-
-def _broker(value: str) -> Broker:
-    try:
-        return parse_mqtt_url(value)
-    except MqttUrlError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def events_per_vm(vms: int, requested: int | None) -> int:
@@ -134,7 +132,7 @@ async def watch(args: argparse.Namespace, console: Console) -> int:
 
 
 async def _watch_mqtt(
-    args: argparse.Namespace, console: Console, fleet: Fleet, broker: Broker
+    args: argparse.Namespace, console: Console, fleet: Fleet, broker: BrokerUrl
 ) -> int:
     import aiomqtt
 
@@ -143,14 +141,30 @@ async def _watch_mqtt(
     source = MqttSource(fleet, broker)
     if args.once:
         try:
-            await source.collect(quiet=MQTT_QUIET, limit=max(MQTT_WAIT, args.refresh))
+            missing = await source.collect(timeout=args.wait)
         except aiomqtt.MqttError as err:
             sys.stderr.write(f"memhp watch: {broker}: {err}\n")
             return EXIT_FAILED
         console.print(frame(fleet, console, args.events))
+        if missing:
+            sys.stderr.write(f"memhp watch: {broker}: {missing_text(missing, args.wait)}\n")
+            return EXIT_FAILED
         return EXIT_OK
     await live_view(console, fleet, source.run(), refresh=args.refresh, events=args.events)
     return EXIT_OK
+
+
+def missing_text(missing: dict[str, tuple[str, ...]], waited: float) -> str:
+    """``after 5 s, no state document of VM a, b (...); no guest document of VM c (...)``."""
+    parts = []
+    for doc in ("state", "guest"):
+        vms = [vm_id for vm_id, docs in missing.items() if doc in docs]
+        if vms:
+            parts.append(
+                f"no {doc} document of VM {', '.join(vms)} "
+                f"(does {_PUBLISHERS[doc]} publish to this broker with --mqtt?)"
+            )
+    return f"after {waited:g} s, " + "; ".join(parts)
 
 
 def _console(plain: bool) -> Console:
@@ -220,7 +234,7 @@ def add_subparser(subparsers: Any) -> None:
         help="the hypervisor's Control address (default %(default)s)",
     )
     source.add_argument(
-        "--mqtt", type=_broker, metavar="URL", help="read MQTT instead: mqtt://HOST[:PORT]"
+        "--mqtt", type=broker_url_arg, metavar="URL", help="read MQTT instead: mqtt://HOST[:PORT]"
     )
     p.add_argument("--vm", action="append", metavar="ID", help="only this VM (repeatable)")
     p.add_argument("--once", action="store_true", help="print one plain frame and exit")
@@ -236,6 +250,14 @@ def add_subparser(subparsers: Any) -> None:
         type=int,
         metavar="N",
         help="recent events per VM (default: 12 for up to two VMs, fewer for more)",
+    )
+    p.add_argument(
+        "--wait",
+        type=_positive,
+        default=MQTT_WAIT,
+        metavar="SECONDS",
+        help="with --mqtt --once: how long to wait for every VM's retained documents "
+        "(default %(default)s)",
     )
     p.set_defaults(func=cmd_watch)
 

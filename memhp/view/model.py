@@ -13,7 +13,11 @@ and how many violations were seen. It is fed
 * over MQTT (:mod:`memhp.view.mqtt_source`): :meth:`Fleet.apply_mqtt` with each
   message of ``memhp/v1/vm/+/events/+`` (the event envelope), ``memhp/v1/vm/+/state``
   (the host's retained summary) and ``memhp/v1/vm/+/guest`` (the guest's retained
-  document with its block runs).
+  document with its block runs), as :mod:`memhp.events` defines them. An event that
+  comes again (QoS 1 is at least once: a publisher sends what the broker had not
+  confirmed again after a reconnection) is shown once. The state document has no
+  count of the host's violations, so over MQTT the host's count is what the view saw
+  (:attr:`VmView.host_violations_partial`).
 
 A cell is the guest's own word for a memory block (``GuestIntrospection``'s
 ``MemoryBlock.cell``, computed by ``guest/blockmap.py``): ``offline``, ``online``
@@ -33,6 +37,7 @@ from typing import Any, Final
 from google.protobuf import json_format
 
 from extents import RangeSet
+from memhp import events as mqtt_events
 from memhp.units import PAGE_SHIFT
 from memhp.v1 import control_pb2, guest_pb2
 
@@ -51,13 +56,15 @@ MAP_HOST: Final = "host"
 RECENT_EVENTS: Final = 12
 
 #: MQTT topics (schema version 1) the view subscribes to.
-MQTT_PREFIX: Final = "memhp/v1/vm"
+MQTT_PREFIX: Final = f"{mqtt_events.TOPIC_ROOT}/vm"
 MQTT_TOPICS: Final = (
     f"{MQTT_PREFIX}/+/events/+",
     f"{MQTT_PREFIX}/+/state",
     f"{MQTT_PREFIX}/+/guest",
 )
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = mqtt_events.VERSION
+#: MQTT events remembered per VM to recognise one that comes again.
+RECENT_KEYS: Final = 256
 
 #: A run of consecutive memory blocks with the same cell: (first index, count, cell).
 Run = tuple[int, int, str]
@@ -138,12 +145,19 @@ class VmView:
     meminfo: dict[str, int] = field(default_factory=dict)
     #: The host's violation and protocol_error events so far.
     host_violations: int = 0
+    #: True when ``host_violations`` counts only the events seen while watching (MQTT:
+    #: the state document has no count, a late watcher misses the earlier events).
+    host_violations_partial: bool = False
     #: Invariant findings the guest reports now.
     guest_violations: int = 0
     events: deque[EventLine] = field(default_factory=lambda: deque(maxlen=RECENT_EVENTS))
     #: Wall time of the last update of any kind.
     updated: float = 0.0
     _host_events_seen: int = 0
+    #: (source, seq, timestamp) of the last MQTT events, to drop one that comes again.
+    _mqtt_keys: deque[tuple[str, int, float]] = field(
+        default_factory=lambda: deque(maxlen=RECENT_KEYS)
+    )
 
     @property
     def violations(self) -> int:
@@ -289,11 +303,10 @@ class Fleet:
         return view
 
     def _apply_mqtt(self, topic: str, payload: bytes | str) -> VmView | None:
-        parts = topic.split("/")
-        prefix = MQTT_PREFIX.split("/")
-        if len(parts) < 5 or parts[:3] != prefix:
+        parsed = mqtt_events.parse_topic(topic)
+        if parsed is None:
             return None
-        vm_id, rest = parts[3], parts[4:]
+        vm_id = parsed.vm
         try:
             doc = json.loads(payload)
         except (UnicodeDecodeError, json.JSONDecodeError):
@@ -303,21 +316,31 @@ class Fleet:
         if doc.get("vm", vm_id) != vm_id or not self.wants(vm_id):
             return None
         try:
-            if rest[0] == "events" and len(rest) == 2:
-                return self.add_event(
-                    vm_id,
-                    float(doc.get("timestamp", 0.0)),
-                    str(doc.get("source", "host")),
-                    str(doc.get("kind", rest[1])),
-                    doc.get("payload") or {},
-                )
-            if rest == ["state"]:
+            if parsed.what == "events":
+                return self._mqtt_event(vm_id, parsed.kind or "", doc)
+            if parsed.what == "state":
                 return self._mqtt_state(vm_id, doc)
-            if rest == ["guest"]:
+            if parsed.what == "guest":
                 return self._mqtt_guest(vm_id, doc)
         except (TypeError, ValueError, KeyError, AttributeError):
             return None
         return None
+
+    def _mqtt_event(self, vm_id: str, kind: str, doc: dict[str, Any]) -> VmView | None:
+        source = str(doc.get("source", "host"))
+        timestamp = float(doc.get("timestamp", 0.0))
+        payload = doc.get("payload") or {}
+        if not isinstance(payload, dict):
+            return None
+        view = self.vm(vm_id)
+        view.host_violations_partial = True
+        seq = doc.get("seq")
+        if isinstance(seq, int):
+            key = (source, seq, timestamp)
+            if key in view._mqtt_keys:
+                return view  # the same event again (at least once): shown once
+            view._mqtt_keys.append(key)
+        return self.add_event(vm_id, timestamp, source, str(doc.get("kind", kind)), payload)
 
     def _mqtt_state(self, vm_id: str, doc: dict[str, Any]) -> VmView:
         view = self.vm(vm_id)
@@ -339,8 +362,13 @@ class Fleet:
             else None
         )
         view.guest_address = str(doc.get("guest_address") or "")
+        view.host_violations_partial = True
         if not view.cells:
-            view.map_note = "waiting for the guest's retained document"
+            view.map_note = (
+                "waiting for the guest's retained document"
+                if view.attached
+                else "no guest attached"
+            )
         view.updated = time.time()
         return view
 
@@ -358,6 +386,7 @@ class Fleet:
         view.driver_mode = str(doc.get("driver_mode", ""))
         view.guest_dm_state = str(doc.get("dm_state", ""))
         view.guest_violations = int(doc.get("violations") or 0)
+        view.host_violations_partial = True
         view.updated = time.time()
         return view
 

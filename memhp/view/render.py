@@ -150,9 +150,12 @@ def guest_text(view: VmView) -> Text:
 
 
 def violations_text(view: VmView) -> Text:
+    """The violations: the host's events (over MQTT: those seen while watching, the
+    state document has no count) and the guest's findings now."""
     style = "bold red" if view.violations else "green"
+    seen = " seen" if view.host_violations_partial else ""
     return Text(
-        f"violations {view.violations} (host {view.host_violations}, "
+        f"violations {view.violations} (host {view.host_violations}{seen}, "
         f"guest {view.guest_violations})",
         style=style,
     )

@@ -3,11 +3,15 @@
 The default story must end with exit 0 (the race of online-then-reclaim is caught and
 expected); the same story without ``expect_violations`` must end with exit 1 and name
 the unexpected violations. Both run at once (about 18 s of real time each). A short
-story runs under a pseudo-terminal, where the demo draws the live view.
+story runs under a pseudo-terminal, where the demo draws the live view. With ``--mqtt``
+against a real mosquitto, a subscriber there before the demo starts must see both
+sides of both VMs publish, each publisher in its order, the violations the story
+expects, and the retained documents must be left for a later subscriber.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import pty
@@ -19,14 +23,22 @@ import sys
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import Any
 
+import jsonschema
 import pytest
 
-from memhp.demo import command_accepts
+from memhp import events
+from tests.mosquitto import Mosquitto, Received, Subscriber
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "scenarios" / "demo.yaml"
 TIMEOUT = 180.0
+#: The VMs of scenarios/demo.yaml.
+VMS = ("callback", "online-then-reclaim")
+VALIDATORS = {
+    name: jsonschema.Draft202012Validator(events.schema(name)) for name in events.SCHEMA_NAMES
+}
 
 SHORT = """\
 name: short
@@ -37,6 +49,21 @@ steps:
   - back: {vm: g1, size: 84M}
   - expect: {vm: g1, pages.page_offline: 0, violations: []}
 """
+
+
+def _validate(m: Received) -> dict[str, Any]:
+    """The message's JSON, checked against its topic's schema."""
+    topic = events.parse_topic(m.topic)
+    assert topic is not None, m.topic
+    doc: dict[str, Any] = m.json()
+    VALIDATORS["event" if topic.what == "events" else topic.what].validate(doc)
+    assert doc["vm"] == topic.vm
+    return doc
+
+
+def _subsequence(wanted: list[str], kinds: list[str]) -> bool:
+    it = iter(kinds)
+    return all(k in it for k in wanted)
 
 
 def demo_argv(*args: str | Path) -> list[str]:
@@ -217,22 +244,137 @@ def test_demo_bad_input() -> None:
     assert "mqtt://HOST[:PORT]" in proc.stderr
 
 
-@pytest.mark.skipif(
-    command_accepts("hypervisor", "--mqtt") and command_accepts("guest", "--mqtt"),
-    reason="the MQTT publisher is there",
-)
-def test_demo_mqtt_needs_the_publisher() -> None:
-    proc = subprocess.run(
-        demo_argv("--mqtt", "mqtt://127.0.0.1:1883"),
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env(),
-        timeout=60,
-        check=False,
+async def test_demo_publishes_both_sides_over_mqtt(mosquitto: Mosquitto) -> None:
+    """``--mqtt``: the hypervisor and both guests publish the story to a real broker."""
+    async with Subscriber(mosquitto.port, events.ALL_VMS) as sub:
+        proc = await asyncio.create_subprocess_exec(
+            *demo_argv("--no-live", "--json", "--mqtt", mosquitto.url),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            cwd=REPO,
+            env=env(),
+        )
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), TIMEOUT)
+        finally:
+            if proc.returncode is None:  # SIGTERM: the demo stops its own children
+                proc.terminate()
+                try:
+                    await asyncio.wait_for(proc.wait(), 15)
+                except TimeoutError:
+                    proc.kill()
+                    await proc.wait()
+        assert proc.returncode == 0, (out + err).decode()
+        result = json.loads(out)
+        assert result["ok"] is True
+
+        def detached(ms: list[Received]) -> bool:
+            """The last word of the hypervisor (its guests stopped first): both detached."""
+            states = {m.topic: m.json() for m in ms if m.topic.endswith("/state")}
+            return all(
+                events.state_topic(vm) in states and not states[events.state_topic(vm)]["attached"]
+                for vm in VMS
+            )
+
+        await sub.wait_for(detached, what="both VMs detached")
+    for m in sub.messages:
+        _validate(m)
+    envelopes = sub.events()
+
+    # -- both sides of both VMs, each publisher's events in its order ---------------
+    for vm in VMS:
+        for source in ("host", "guest"):
+            assert any(e["vm"] == vm and e["source"] == source for e in envelopes), (vm, source)
+    # One host publisher for every VM, one guest publisher per VM: seq 1, 2, 3, ...
+    # in arrival order (nothing dropped, nothing again).
+    host_seqs = [e["seq"] for e in envelopes if e["source"] == "host"]
+    assert host_seqs == list(range(1, len(host_seqs) + 1))
+    for vm in VMS:
+        seqs = [e["seq"] for e in envelopes if e["source"] == "guest" and e["vm"] == vm]
+        assert seqs == list(range(1, len(seqs) + 1)), vm
+        host = [e["kind"] for e in envelopes if e["source"] == "host" and e["vm"] == vm]
+        assert _subsequence(
+            [
+                "vm_created",
+                "attach",
+                "negotiated",
+                "hot_add_request",
+                "hot_add_response",  # 300M of the 1G region
+                "hot_add_request",
+                "hot_add_response",  # 100M more
+                "hot_add_request",
+                "hot_add_response",  # the rest
+                "detach",
+            ],
+            host,
+        ), (vm, host)
+        guest = [e for e in envelopes if e["source"] == "guest" and e["vm"] == vm]
+        added = [e["payload"]["block"] for e in guest if e["kind"] == "block_added"]
+        onlined = [e["payload"]["block"] for e in guest if e["kind"] == "block_onlined"]
+        assert added == onlined == list(range(16, 24)), vm
+        assert any(e["kind"] == "pages_onlined" for e in guest), vm
+
+    # -- the violations: online-then-reclaim's race, as the story expects ---------------
+    def violations(vm: str) -> dict[str, list[dict[str, Any]]]:
+        return {
+            source: [
+                e
+                for e in envelopes
+                if e["vm"] == vm
+                and e["source"] == source
+                and e["kind"] in ("violation", "protocol_error", "driver_violation")
+            ]
+            for source in ("host", "guest")
+        }
+
+    assert violations("callback") == {"host": [], "guest": []}
+    otr = violations("online-then-reclaim")
+    # The host saw the guest touch what it does not back, during the first hot-add.
+    assert {e["payload"]["kind"] for e in otr["host"]} == {"unbacked-access"}
+    assert all(e["kind"] == "violation" for e in otr["host"])
+    # (one host publisher: its seq orders the events of both VMs).
+    otr_host = [e for e in envelopes if e["vm"] == "online-then-reclaim" and e["source"] == "host"]
+    request = next(e for e in otr_host if e["kind"] == "hot_add_request")
+    response = next(e for e in otr_host if e["kind"] == "hot_add_response")
+    for e in otr["host"]:
+        assert request["seq"] < e["seq"] < response["seq"]
+        assert e["payload"]["state"] == "HOT_ADD_REPLY_WAIT"
+    # The guest's checker runs without host truth: counter-onlined, not unbacked-allocated
+    # (that one needs to know what the host backs; the host's unbacked-access is it).
+    assert {e["payload"]["invariant"] for e in otr["guest"]} == {"counter-onlined"}
+    expected = {"unbacked-allocated", "unbacked-access", "counter-onlined"}
+    seen = {e["payload"]["kind"] for e in otr["host"]}
+    seen |= {e["payload"]["invariant"] for e in otr["guest"]}
+    assert seen <= expected
+    found = result["vms"]["online-then-reclaim"]["violations"]
+    assert {v["invariant"] for v in found} == expected
+    assert all(v["expected"] for v in found)
+    assert result["vms"]["callback"]["violations"] == []
+
+    # -- the retained documents, for whoever subscribes later ---------------------------
+    async with Subscriber(
+        mosquitto.port, f"{events.TOPIC_ROOT}/vm/+/state", f"{events.TOPIC_ROOT}/vm/+/guest"
+    ) as late:
+        await late.wait_for(lambda ms: len(ms) >= 4, what="the retained documents")
+    retained = {m.topic: m for m in late.messages}
+    assert sorted(retained) == sorted(
+        topic(vm) for vm in VMS for topic in (events.state_topic, events.guest_topic)
     )
-    assert proc.returncode == 2
-    assert "has no --mqtt option" in proc.stderr
+    assert all(m.retain for m in late.messages)
+    for vm, strategy in zip(VMS, ("callback", "online-then-reclaim"), strict=True):
+        state = _validate(retained[events.state_topic(vm)])
+        assert state["attached"] is False and state["dm_state"] == "IDLE"
+        assert state["regions"] == 1 and state["backed_bytes"] == 1 << 30
+        assert state["actual_bytes"] == 3 << 30
+        assert state["busy"] is False and state["in_flight"] is None
+        assert state["mqtt"]["dropped"] == 0
+        assert state["mqtt"]["published"] > 0
+        doc = _validate(retained[events.guest_topic(vm)])
+        assert doc["blocks"] == [[0, 24, "online"]]
+        assert (doc["strategy"], doc["dm_state"]) == (strategy, "DM_INITIALIZED")
+        assert doc["mqtt"]["dropped"] == 0
+    assert _validate(retained[events.guest_topic("callback")])["violations"] == 0
+    assert _validate(retained[events.guest_topic("online-then-reclaim")])["violations"] >= 1
 
 
 def test_default_scenario_of_an_installed_copy(

@@ -228,6 +228,39 @@ def test_mqtt_event_envelope() -> None:
     assert view.host_violations == 1
 
 
+def test_mqtt_an_event_that_comes_again_is_shown_once() -> None:
+    """QoS 1 is at least once: after a reconnection a publisher sends again what the
+    broker had not confirmed. A restarted publisher counts from 1 again: new events."""
+    fleet = Fleet()
+    first = mqtt_event("g1", "violation", 5, "host", kind="unbacked-access", message="m")
+    again = fleet.apply_mqtt("memhp/v1/vm/g1/events/violation", first)
+    assert fleet.apply_mqtt("memhp/v1/vm/g1/events/violation", first) is again is not None
+    assert fleet.ignored == 0
+    assert [e.kind for e in again.events] == ["violation"]
+    assert again.host_violations == 1
+    # The guest's seq 5 is another publisher's.
+    fleet.apply_mqtt("memhp/v1/vm/g1/events/ready", mqtt_event("g1", "ready", 5, "guest"))
+    restarted = json.loads(first)
+    restarted["timestamp"] += 60
+    fleet.apply_mqtt("memhp/v1/vm/g1/events/violation", json.dumps(restarted))
+    assert [(e.source, e.kind) for e in again.events] == [
+        ("host", "violation"),
+        ("guest", "ready"),
+        ("host", "violation"),
+    ]
+    assert again.host_violations == 2
+
+
+def test_mqtt_host_violations_count_what_was_seen() -> None:
+    """The state document has no violation count: over MQTT the host's count is partial."""
+    fleet = Fleet()
+    fleet.apply_vm(vm_pb("grpc", violation_events=3))
+    assert not fleet.vms["grpc"].host_violations_partial
+    view = fleet.apply_mqtt("memhp/v1/vm/g1/state", mqtt_state("g1"))
+    assert view is not None and view.host_violations_partial
+    assert view.host_violations == 0
+
+
 def test_mqtt_state_document() -> None:
     fleet = Fleet()
     view = fleet.apply_mqtt("memhp/v1/vm/g1/state", mqtt_state("g1"))
@@ -245,6 +278,9 @@ def test_mqtt_state_document() -> None:
     fleet.apply_mqtt("memhp/v1/vm/g1/state", mqtt_state("g1", in_flight=None, requested_bytes=0))
     assert view.in_flight is None
     assert view.requested_bytes is None
+    # No guest attached: nothing to wait for.
+    fleet.apply_mqtt("memhp/v1/vm/g1/state", mqtt_state("g1", attached=False))
+    assert view.map_note == "no guest attached"
 
 
 def test_mqtt_guest_document() -> None:
@@ -286,6 +322,12 @@ def test_mqtt_guest_document() -> None:
         ("memhp/v1/vm/g1", mqtt_state("g1")),
         ("memhp/v1/vm/g1/guest", mqtt_guest("g1", [[0, "x"]])),  # a run needs three fields
         ("memhp/v1/vm/g1/state", mqtt_state("g1", in_flight={"kind": "hot_add"})),
+        ("memhp/v1/vm/g1/events/x/y", mqtt_event("g1", "x")),
+        # An event's payload is an object.
+        (
+            "memhp/v1/vm/g1/events/ready",
+            json.dumps({**json.loads(mqtt_event("g1", "ready")), "payload": [1]}),
+        ),
     ],
 )
 def test_mqtt_messages_not_understood_are_counted(topic: str, payload: str | bytes) -> None:

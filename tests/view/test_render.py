@@ -99,6 +99,8 @@ def test_waiting_for_the_guest_over_mqtt_is_not_a_host_map() -> None:
     assert "no block map yet: waiting for the guest's retained document" in out
     assert "host-only" not in out
     assert "in flight hot_add trans_id=7 76800 pages" in out
+    # The state document has no count of the host's violations: what was seen.
+    assert "violations 0 (host 0 seen, guest 0)" in out
 
 
 def test_aggregated_map_says_how_many_blocks_a_cell_holds() -> None:
