@@ -220,20 +220,6 @@ def summary_lines(result: dict[str, Any]) -> list[Text]:
     return lines
 
 
-async def _play(runner: ProcessRunner) -> dict[str, Any]:
-    """The steps; a failed step still gives a result (``ok`` False, ``error`` set)."""
-    try:
-        return await runner.run()
-    except StepFailed as err:
-        try:
-            result = await runner.result()
-        except StepFailed:
-            return runner.partial_result(str(err))
-        result["ok"] = False
-        result["error"] = str(err)
-        return result
-
-
 async def demo(args: argparse.Namespace, console: Console, plain_out: IO[str]) -> int:
     path = Path(args.scenario) if args.scenario else default_scenario()
     timeline_path = Path(args.timeline) if args.timeline else None
@@ -293,7 +279,7 @@ async def demo(args: argparse.Namespace, console: Console, plain_out: IO[str]) -
                     )
                 )
                 try:
-                    result = await _play(runner)
+                    result = await runner.play()
                     with contextlib.suppress(SourceError):
                         await source.poll()
                 finally:
@@ -302,7 +288,7 @@ async def demo(args: argparse.Namespace, console: Console, plain_out: IO[str]) -
             else:
                 watcher = asyncio.create_task(source.watch_events())
                 try:
-                    result = await _play(runner)
+                    result = await runner.play()
                     with contextlib.suppress(SourceError):
                         await source.poll()
                 finally:

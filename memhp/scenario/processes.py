@@ -511,6 +511,19 @@ class ProcessRunner:
         total = len(self.scenario.steps)
         self.progress(StepProgress(index, total, text, phase, elapsed, error))
 
+    async def play(self) -> dict[str, Any]:
+        """:meth:`run`, but a failed step still gives a result (``ok`` False, ``error`` set)."""
+        try:
+            return await self.run()
+        except StepFailed as err:
+            try:
+                result = await self.result()
+            except StepFailed:
+                return self.partial_result(str(err))
+            result["ok"] = False
+            result["error"] = str(err)
+            return result
+
     async def run(self) -> dict[str, Any]:
         self.current_step = "setup"
         started = time.monotonic()
@@ -782,16 +795,7 @@ async def run_processes(
             handled = True
     try:
         await runner.start()
-        try:
-            return await runner.run()
-        except StepFailed as err:
-            try:
-                result = await runner.result()
-            except StepFailed:
-                return runner.partial_result(str(err))
-            result["ok"] = False
-            result["error"] = str(err)
-            return result
+        return await runner.play()
     except (ChildFailed, StepFailed, OSError) as err:
         return runner.partial_result(f"{type(err).__name__}: {err}")
     finally:
