@@ -94,6 +94,25 @@ async def test_vms_show_and_commands(hv: HvProcess, guests: list[FakeGuest]) -> 
     rc, _, err = await ctl(hv, "back", "c1", "1M", "--start-page", "0x80000")
     assert rc == 1 and err.startswith("memhp ctl: FAILED_PRECONDITION: start_page: ")
 
+    # A batch of two regions, then everything remaining: one command each.
+    await ctl(hv, "policy", "c1", "manual")
+    rc, out, err = await ctl(hv, "hot-add", "c1", "256M", "--backed", "128M", "--count", "2")
+    assert rc == 0, err
+    for _ in range(2):
+        await guest.answer_hot_add()
+    rc, out, err = await ctl(hv, "back", "c1", "--remaining", "--json")
+    assert rc == 0, err
+    backs = [await guest.answer_hot_add() for _ in range(3)]
+    assert [(b.range.start_page, b.range.page_cnt) for b in backs] == [
+        (0x90000, 0x30000),
+        (0xC0000 + 0x8000, 0x8000),
+        (0xD0000 + 0x8000, 0x8000),
+    ]
+    rc, _, err = await ctl(hv, "back", "c1")
+    assert rc == 2 and "give SIZE or --remaining" in err
+    rc, _, err = await ctl(hv, "hot-add", "c1", "128M", "--backed", "128M", "--count", "0")
+    assert rc == 2 and "--count" in err
+
 
 async def test_watch_prints_events(hv: HvProcess) -> None:
     proc = await asyncio.create_subprocess_exec(
