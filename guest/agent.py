@@ -385,6 +385,8 @@ class GuestAgent:
         self._wake = asyncio.Event()
         #: One step at a time: the pump's or the reader's (frames are answered inline).
         self._step_lock = asyncio.Lock()
+        #: When the pump wakes by itself next (agent time; inf: only when woken).
+        self._pump_wakes_at = 0.0
         self._t0 = 0.0
         self._access = AccessBatcher(options.access_batch)
         self._sysfs_dirty = False
@@ -556,10 +558,18 @@ class GuestAgent:
                     # Answer from here: the host waits, and a hop through the pump task
                     # costs a turn of the loop. The pump still runs for its timers.
                     async with self._step_lock:
-                        await self._step(self.elapsed())
-                    # The answer is out; the pump recomputes its timers (the step may have
-                    # scheduled work, such as a udev onlining after its delay).
-                    self.wake()
+                        now = self.elapsed()
+                        await self._step(now)
+                        vm = self.vm
+                        assert vm is not None
+                        due = self._timeout(vm, now)
+                    # The answer is out. Wake the pump when the step left it something to
+                    # do before it would wake anyway (a udev onlining after its delay, an
+                    # access report, sysfs to rewrite).
+                    if (self._sysfs_dirty and self.options.sysfs_dir is not None) or (
+                        due is not None and now + due < self._pump_wakes_at
+                    ):
+                        self.wake()
                     continue
             elif kind == "error":
                 self._on_host_error(msg.error)
@@ -603,6 +613,7 @@ class GuestAgent:
                     await self._flush_access()
                 self._sync_sysfs(now)
                 timeout = self._timeout(vm, now)
+                self._pump_wakes_at = math.inf if timeout is None else now + timeout
             if timeout is None:
                 await self._wake.wait()
             elif timeout > 0:
