@@ -9,6 +9,7 @@ on its state file keeping the plugged memory, and a guest with both drivers exit
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 from functools import partial
 from pathlib import Path
@@ -425,3 +426,22 @@ async def test_a_guest_with_both_drivers_exits_1_with_the_probe_failure(tmp_path
         "virtio_mem virtio0: probe failed with error -22 (EINVAL): only one "
         "online_page_callback system-wide: hv_balloon already installed it; virtio_mem cannot"
     ) in err.decode()
+
+
+async def test_ctl_resize_and_show(hv: HvProcess) -> None:
+    from tests.process.test_hypervisor_ctl import ctl
+
+    await create_virtio_vm(hv, "v", addr=4 * GIB)
+    rc, out, err = await ctl(hv, "resize", "v", "256M", "--json")
+    assert rc == 0, err
+    vm = json.loads(out)
+    assert vm["virtio_mem"]["requested_bytes"] == 256 * MIB
+    assert vm["virtio_mem"]["usable_region_size_bytes"] == 512 * MIB
+    rc, out, err = await ctl(hv, "show", "v")
+    assert rc == 0, err
+    assert "protocol virtio-mem" in out
+    assert "requested 256M, plugged 0B, block 2M, region 4G at 0x100000000 (usable 512M)" in out
+    rc, out, err = await ctl(hv, "resize", "v", "3M")
+    assert rc == 1 and err.startswith("memhp ctl: INVALID_ARGUMENT: requested_bytes:")
+    rc, out, err = await ctl(hv, "vms")
+    assert rc == 0 and out.splitlines()[1].split()[:5] == ["v", "no", "virtio-mem", "1G", "256M"]
