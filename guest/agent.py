@@ -267,6 +267,10 @@ class AgentOptions:
     introspection_address: str = ""
     #: hyperv-dm (the DM channel) or virtio-mem (the VirtioMem channel of one device).
     protocol: str = HYPERV_DM
+    #: virtio_mem module parameters.
+    virtio_mem_force_bbm: bool = False
+    virtio_mem_unplug_online: bool = True
+    virtio_mem_bbm_safe_unplug: bool = True
 
     def guest_config(self, layout: Layout) -> GuestConfig:
         """The guest's configuration: the hypervisor's layout plus these options."""
@@ -284,6 +288,9 @@ class AgentOptions:
             ),
             status_interval=self.status_interval,
             protocol=self.protocol,
+            virtio_mem_force_bbm=self.virtio_mem_force_bbm,
+            virtio_mem_unplug_online=self.virtio_mem_unplug_online,
+            virtio_mem_bbm_safe_unplug=self.virtio_mem_bbm_safe_unplug,
         )
 
 

@@ -131,6 +131,17 @@ def add_subparser(subparsers: Any) -> None:
         "(the VirtioMem channel of one device; the VM must be a virtio-mem VM), or both, "
         "which fails as in Linux (exit 1)",
     )
+    for name, default, what in (
+        ("force-bbm", False, "use Big Block Mode even where Sub Block Mode fits"),
+        ("unplug-online", True, "unplug online memory (fake-offlining it first)"),
+        ("bbm-safe-unplug", True, "in Big Block Mode, offline only blocks it can unplug"),
+    ):
+        p.add_argument(
+            f"--{name}",
+            action=argparse.BooleanOptionalAction,
+            default=default,
+            help=f"virtio_mem module parameter: {what} (default %(default)s)",
+        )
     p.add_argument("--strategy", choices=STRATEGIES, default="callback")
     p.add_argument("--driver-mode", choices=MODES, default="upstream")
     p.add_argument(
@@ -241,6 +252,9 @@ def options_from_args(args: argparse.Namespace) -> AgentOptions:
         sysfs_dir=args.sysfs_dir,
         workload=args.workload,
         protocol=args.protocol,
+        virtio_mem_force_bbm=args.force_bbm,
+        virtio_mem_unplug_online=args.unplug_online,
+        virtio_mem_bbm_safe_unplug=args.bbm_safe_unplug,
     )
 
 

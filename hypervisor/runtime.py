@@ -707,6 +707,7 @@ class Hypervisor:
         """The guest's access report: a touch of unplugged device memory is a violation."""
         device = handle.device
         assert device is not None
+        handle.frames_received += 1
         ranges = [(r.start_page, r.start_page + r.page_cnt) for r in report.ranges]
         device.check_access(ranges, report.what or "allocate")
         self.publish_device_events(handle, device.drain_events())
@@ -726,6 +727,8 @@ class Hypervisor:
                 f"VM {vm_id!r} has no virtio-mem device (protocol {handle.config.protocol})",
             )
         change = device.resize(requested_bytes, handle.now())
+        if handle.device_outbox is not None:
+            handle.frames_sent += 1
         handle.send_device(
             virtio_mem_pb2.DeviceToGuest(
                 config_changed=virtio_mem_pb2.VirtioMemConfigChanged(
