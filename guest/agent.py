@@ -447,6 +447,8 @@ class GuestAgent:
         self._access = AccessBatcher(options.access_batch)
         self._sysfs_dirty = False
         self._sysfs_written_at: float | None = None
+        #: When the sleeping pump wakes on its own (None: only when woken).
+        self._pump_wakes_at: float | None = None
         self.virtio = options.protocol == VIRTIO_MEM
         #: The virtio-mem request sent on the current stream and not answered yet.
         self._vmem_pending: vmem.VirtioMemRequest | None = None
@@ -467,6 +469,16 @@ class GuestAgent:
         if self.event_sink is not None:
             self.event_sink.state_changed()
         self.wake()
+
+    def _wake_if_sooner(self) -> None:
+        """A step outside the pump (a frame answered inline) may have armed a timer that
+        is due before the pump means to wake: wake it, so it sleeps until that timer."""
+        vm = self.vm
+        if vm is None:
+            return
+        due = [d for d in (vm.next_deadline(), self._access.deadline) if d is not None]
+        if due and (self._pump_wakes_at is None or min(due) < self._pump_wakes_at):
+            self.wake()
 
     def catch_up(self) -> None:
         """Bring the guest's clock to now before something from outside changes it.
@@ -690,6 +702,7 @@ class GuestAgent:
                     # costs a turn of the loop. The pump still runs for its timers.
                     async with self._step_lock:
                         await self._step(self.elapsed())
+                    self._wake_if_sooner()
                     continue
             elif kind == "error":
                 self._on_host_error(msg.error)
@@ -721,6 +734,7 @@ class GuestAgent:
                     vm.deliver_virtio(resp, config)
                     # Answer from here: the next request goes out without a pump turn.
                     await self._step(self.elapsed())
+                self._wake_if_sooner()
                 continue
             if kind == "config_changed":
                 self.frames_received += 1
@@ -728,6 +742,7 @@ class GuestAgent:
                     self.catch_up()
                     vm.virtio_config_changed(config_from_pb(msg.config_changed.config))
                     await self._step(self.elapsed())
+                self._wake_if_sooner()
                 continue
             self.log.warning("unexpected_device_message", kind=kind)
 
@@ -767,6 +782,7 @@ class GuestAgent:
                     await self._flush_access()
                 self._sync_sysfs(now)
                 timeout = self._timeout(vm, now)
+                self._pump_wakes_at = None if timeout is None else now + timeout
             if timeout is None:
                 await self._wake.wait()
             elif timeout > 0:
