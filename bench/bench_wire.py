@@ -32,7 +32,18 @@ started with ``--ready-file`` on port 0 and stopped by their PID at the end:
    last <= 4096 transactions) cover every transaction. The guest's final state from its
    introspection (``GetMemory``: MemTotal, ``num_pages_added``, violations) and
    ``ListVms`` (``actual_bytes``).
-4. **Fleet.** A fresh hypervisor and 200 guests (``bench/loadgen.py``: a few processes,
+4. **virtio-mem.** A fresh hypervisor with one virtio-mem VM (32 GiB boot, 128 MiB
+   memory blocks, a 1 TiB device of 2 MiB device blocks) and a ``memhp guest
+   --protocol virtio-mem --auto-online online_movable``: one ``Control.Resize`` from 0
+   to 1 TiB, and the time until the device has it all plugged (``ListVms`` polled) and
+   the driver has settled. The driver works in Sub Block Mode with 4 MiB subblocks and
+   plugs a whole memory block per request, so that is 8,192 PLUG requests, each a
+   round trip on the ``VirtioMem.Connect`` stream, each followed by
+   ``add_memory_driver_managed`` and the onlining of one block. GiB/s, plug requests/s,
+   wall time, CPU of both processes; the end state checked: plugged == requested, the
+   guest's MemTotal grew by 1 TiB, no violation on either side (the guest's invariants
+   against the device's plugged ranges).
+5. **Fleet.** A fresh hypervisor and 200 guests (``bench/loadgen.py``: a few processes,
    each guest on its own channel and ``Connect`` stream, attach, version and
    capabilities negotiation, one status report a second). The hypervisor's CPU share
    over ~20 s from ``/proc/PID/stat`` (utime + stime, all its threads), the guests
@@ -41,10 +52,10 @@ started with ``--ready-file`` on port 0 and stopped by their PID at the end:
    arrived; no watcher runs during the window).
 
 ``--quick`` shrinks every part for a smoke run (1 s ceiling, 200 hot-adds, growth to
-64 GiB, 50 guests for 5 s). ``--json`` prints the figures as JSON. ``--only`` runs some
-parts (ceiling, hot-add, growth, fleet). ``--profile DIR`` runs the hypervisors and
-guests under cProfile (``DIR/NAME.prof``, written when they stop), to see where their
-time goes; ``--logs DIR`` keeps the children's logs.
+64 GiB, virtio-mem to 64 GiB, 50 guests for 5 s). ``--json`` prints the figures as JSON.
+``--only`` runs some parts (ceiling, hot-add, growth, virtio-mem, fleet). ``--profile
+DIR`` runs the hypervisors and guests under cProfile (``DIR/NAME.prof``, written when
+they stop), to see where their time goes; ``--logs DIR`` keeps the children's logs.
 Exit status 0 when every part ran and every correctness check held (a missed
 performance target is reported, not failed), 1 otherwise.
 """
@@ -120,10 +131,17 @@ class Sizes:
     guests: int
     loadgens: int
     fleet_s: float
+    #: The size the virtio-mem part resizes its device to (from 0).
+    virtio_mem_bytes: int = 1 * TIB
 
 
-FULL = Sizes("full", 3.0, 2000, 1 * TIB, 200, 4, 20.0)
-QUICK = Sizes("quick", 1.0, 200, 64 * GIB, 50, 4, 5.0)
+FULL = Sizes("full", 3.0, 2000, 1 * TIB, 200, 4, 20.0, 1 * TIB)
+QUICK = Sizes("quick", 1.0, 200, 64 * GIB, 50, 4, 5.0, 64 * GIB)
+#: The virtio-mem device block (QEMU's default on x86).
+DEVICE_BLOCK = 2 * MIB
+#: The virtio-mem VM's boot memory: the memmap of 1 TiB (16 GiB at 64 bytes a page) comes
+#: out of it, as bench_model.py's in-process row has it.
+VIRTIO_BOOT = 32 * GIB
 
 Row = tuple[str, object, str]
 
@@ -905,10 +923,125 @@ async def bench_fleet(procs: Processes, sizes: Sizes, tmp: Path) -> dict[str, An
     }
 
 
+# -- 4. virtio-mem --------------------------------------------------------------------------
+
+
+async def bench_virtio_mem(procs: Processes, sizes: Sizes) -> dict[str, Any]:
+    size = sizes.virtio_mem_bytes
+    hv = await start_hypervisor(procs, "--no-default-vm")
+    async with grpc.aio.insecure_channel(hv.address) as channel:
+        control = Control(channel)
+        spec = control_pb2.VmSpec(
+            vm_id="vmem",
+            boot_bytes=VIRTIO_BOOT,
+            block_size_bytes=BLOCK,
+            protocol="virtio-mem",
+            virtio_mem=control_pb2.VirtioMemSpec(
+                region_size_bytes=size, block_size_bytes=DEVICE_BLOCK
+            ),
+        )
+        await control.stub.CreateVm(control_pb2.CreateVmRequest(spec=spec), timeout=STALL)
+        argv = memhp_command(
+            "guest",
+            "--hypervisor",
+            hv.address,
+            "--vm-id",
+            "vmem",
+            "--listen",
+            "127.0.0.1:0",
+            "--protocol",
+            "virtio-mem",
+            "--auto-online",
+            "online_movable",
+        )
+        guest = await procs.start("guest-vmem-", argv, profile=True)
+        async with grpc.aio.insecure_channel(guest.address) as guest_channel:
+            introspection = guest_pb2_grpc.GuestIntrospectionStub(guest_channel)
+            deadline = time.monotonic() + START_TIMEOUT
+            while True:
+                memory = await introspection.GetMemory(guest_pb2.GetMemoryRequest(), timeout=STALL)
+                if memory.virtio_mem.probed and not memory.virtio_mem.busy:
+                    break
+                if time.monotonic() > deadline:
+                    raise BenchError("vmem: the virtio_mem driver did not probe")
+                await asyncio.sleep(POLL)
+            before_kb = memory.meminfo["MemTotal"]
+            cpu = Cpu(hv, guest)
+            t0 = time.perf_counter()
+            await control.stub.Resize(
+                control_pb2.ResizeRequest(vm_id="vmem", requested_bytes=size), timeout=STALL
+            )
+            call_s = time.perf_counter() - t0
+            last, last_progress = -1, time.monotonic()
+            while True:
+                vm = await control.summary("vmem")
+                plugged = vm.virtio_mem.plugged_bytes
+                if plugged == size:
+                    break
+                if plugged != last:
+                    last, last_progress = plugged, time.monotonic()
+                elif time.monotonic() - last_progress > STALL:
+                    raise BenchError(f"vmem: stuck at {plugged} of {size} bytes plugged")
+                await asyncio.sleep(POLL)
+            plugged_s = time.perf_counter() - t0
+            used = cpu.used()
+            # The driver has added and onlined the last block once it is idle.
+            while True:
+                memory = await introspection.GetMemory(guest_pb2.GetMemoryRequest(), timeout=STALL)
+                if memory.virtio_mem.plugged_size == size and not memory.virtio_mem.busy:
+                    break
+                await asyncio.sleep(POLL)
+            settled_s = time.perf_counter() - t0
+            full = await control.get_vm("vmem")
+            truth = guest_pb2.GetMemoryRequest(
+                host_truth=True,
+                host_backed=[
+                    guest_pb2.PfnRange(start_pfn=r.start_page, end_pfn=r.start_page + r.page_cnt)
+                    for r in full.virtio_mem.plugged
+                ],
+            )
+            checked = await introspection.GetMemory(truth, timeout=STALL)
+    plugs = full.virtio_mem.answered.get("plug:ack", 0)
+    requests = sum(full.virtio_mem.answered.values())
+    grown_kb = checked.meminfo["MemTotal"] - before_kb
+    violations = [v.invariant for v in checked.violations]
+    checks = {
+        "plugged == requested": full.virtio_mem.plugged_bytes
+        == full.virtio_mem.requested_bytes
+        == size,
+        "driver plugged": checked.virtio_mem.plugged_size == size,
+        "MemTotal grew by the device": grown_kb == size // 1024,
+        "no refusals": full.virtio_mem.protocol_errors == 0 and plugs == requests,
+        "no violations": not violations and full.virtio_mem.violations == 0,
+    }
+    return {
+        "device_bytes": size,
+        "device_block_bytes": DEVICE_BLOCK,
+        "memory_block_bytes": BLOCK,
+        "mode": checked.virtio_mem.mode,
+        "subblock_bytes": checked.virtio_mem.unit_size,
+        "plug_requests": plugs,
+        "requests": requests,
+        "resize_call_ms": ms(call_s),
+        "plugged_s": round(plugged_s, 3),
+        "settled_s": round(settled_s, 3),
+        "gib_per_s": round(size / GIB / settled_s, 1),
+        "plug_requests_per_s": round(plugs / plugged_s, 1),
+        "hypervisor_cpu_s": round(used[0], 2),
+        "guest_cpu_s": round(used[1], 2),
+        "hypervisor_cpu_ms_per_request": round(used[0] * 1e3 / max(requests, 1), 3),
+        "guest_cpu_ms_per_request": round(used[1] * 1e3 / max(requests, 1), 3),
+        "guest_mem_total_grew_kb": grown_kb,
+        "blocks_added": sum(1 for b in checked.virtio_mem.blocks if b.state != "unused"),
+        "violations": violations,
+        "checks": checks,
+    }
+
+
 # -- the run -------------------------------------------------------------------------------
 
 
-PARTS = ("ceiling", "hot-add", "growth", "fleet")
+PARTS = ("ceiling", "hot-add", "growth", "virtio-mem", "fleet")
 
 
 async def run(
@@ -931,17 +1064,23 @@ async def run(
         try:
             ceiling: float | None = None
             if "ceiling" in wanted:
-                log("1/4 ceiling: raw grpc.aio bidi ping-pong")
+                log("1/5 ceiling: raw grpc.aio bidi ping-pong")
                 result["ceiling"] = await bench_ceiling(procs, sizes.ceiling_s)
                 ceiling = result["ceiling"]["round_trips_per_s"]
             if "hot-add" in wanted:
-                log(f"2/4 hot-add round trips ({sizes.round_trips} x 128 MiB)")
+                log(f"2/5 hot-add round trips ({sizes.round_trips} x 128 MiB)")
                 result["hot_add"] = await bench_hot_add(procs, sizes, ceiling)
             if "growth" in wanted:
-                log(f"3/4 growth: 4 GiB -> {sizes.grow_to_bytes / GIB:.0f} GiB")
+                log(f"3/5 growth: 4 GiB -> {sizes.grow_to_bytes / GIB:.0f} GiB")
                 result["growth"] = await bench_growth(procs, sizes)
+            if "virtio-mem" in wanted:
+                log(
+                    f"4/5 virtio-mem: resize 0 -> {sizes.virtio_mem_bytes / GIB:.0f} GiB "
+                    "in 2 MiB device blocks"
+                )
+                result["virtio_mem"] = await bench_virtio_mem(procs, sizes)
             if "fleet" in wanted:
-                log(f"4/4 fleet: {sizes.guests} guests for {sizes.fleet_s:.0f} s")
+                log(f"5/5 fleet: {sizes.guests} guests for {sizes.fleet_s:.0f} s")
                 result["fleet"] = await bench_fleet(procs, sizes, Path(tmp))
         except (BenchError, ChildFailed, grpc.aio.AioRpcError) as err:
             result["error"] = f"{type(err).__name__}: {err}"
@@ -959,6 +1098,9 @@ def passed(result: dict[str, Any]) -> bool:
         return False
     growth, fleet = result.get("growth"), result.get("fleet")
     if growth is not None and not all(growth["checks"].values()):
+        return False
+    vmem = result.get("virtio_mem")
+    if vmem is not None and not all(vmem["checks"].values()):
         return False
     return fleet is None or (
         fleet["attached"] == fleet["guests"] and not fleet["errors"] and not fleet["host_requests"]
@@ -1140,11 +1282,51 @@ def rows(r: dict[str, Any]) -> list[Row]:
             ),
             ("   violations", ", ".join(g["violations"]) or "none", "none"),
         ]
+    v = r.get("virtio_mem")
+    if v:
+        vchecks = v["checks"]
+        out += [
+            (
+                f"4. virtio-mem: resize 0 -> {v['device_bytes'] / GIB:.0f} GiB in "
+                f"{v['device_block_bytes'] // MIB} MiB device blocks ({v['mode']}, "
+                f"{v['subblock_bytes'] // MIB} MiB subblocks, "
+                f"{v['memory_block_bytes'] // MIB} MiB memory blocks): GiB/s",
+                v["gib_per_s"],
+                "",
+            ),
+            (
+                "   PLUG requests, per second",
+                f"{v['plug_requests']}, {v['plug_requests_per_s']}",
+                "",
+            ),
+            (
+                "   wall time (s): to all plugged / to the driver settled",
+                f"{v['plugged_s']} / {v['settled_s']}",
+                "",
+            ),
+            (
+                "   hypervisor / guest CPU (s)",
+                f"{v['hypervisor_cpu_s']} / {v['guest_cpu_s']}",
+                "",
+            ),
+            (
+                "   hypervisor / guest CPU per request (ms)",
+                f"{v['hypervisor_cpu_ms_per_request']} / {v['guest_cpu_ms_per_request']}",
+                "",
+            ),
+            ("   memory blocks added", v["blocks_added"], ""),
+            (
+                "   plugged == requested, MemTotal grew by the device",
+                f"{vchecks['plugged == requested']}, {vchecks['MemTotal grew by the device']}",
+                "True, True",
+            ),
+            ("   violations", ", ".join(v["violations"]) or "none", "none"),
+        ]
     f = r.get("fleet")
     if f:
         share = f["hypervisor_cpu_share"]
         out += [
-            ("4. fleet: guests attached (ListVms)", f"{f['attached']} / {f['guests']}", "all"),
+            ("5. fleet: guests attached (ListVms)", f"{f['attached']} / {f['guests']}", "all"),
             ("   negotiated (dm_state IDLE)", f["negotiated"], "all"),
             ("   load generators, setup (s)", f"{f['loadgens']}, {f['setup_s']}", ""),
             ("   window (s)", f["window_s"], ""),

@@ -26,6 +26,16 @@ the host sees accesses in the order they happened relative to the protocol.
 A host ``error`` with action ``reset`` makes the driver renegotiate on the same
 stream (:meth:`guest.vm.GuestVm.renegotiate`); ``close`` is followed by the host
 ending the stream, and the agent reconnects.
+
+With ``protocol="virtio-mem"`` the same loop, backoff and pump run over the
+``VirtioMem.Connect`` stream of the guest's one virtio-mem device instead: ``attached``
+carries the layout and the device's config space (the guest attaches the device with
+it and probes), the driver's requests go out as ``request``, each ``response`` is
+delivered with the config it carries, ``config_changed`` is the config interrupt, and
+page accesses in device memory go out as ``access`` (batched like the DM ones). A
+request left unanswered when the stream broke is sent again on the new stream (the
+virtqueue outlives a transport hiccup; the host answers in order). There is no
+reconcile: the device keeps what is plugged, the driver what it holds.
 """
 
 from __future__ import annotations
@@ -40,7 +50,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import grpc
 import structlog
@@ -51,12 +61,13 @@ from guest.mm.memory import MMOP_OFFLINE, MemoryBlock
 from guest.mm.notifier import NOTIFY_OK, MemoryAction, MemoryNotify
 from guest.mm.pages import OWNER_BALLOON, PAGE_OFFLINE
 from guest.sysfs import write_sysfs_tree
-from guest.vm import GuestConfig, GuestVm
+from guest.vm import HYPERV_DM, VIRTIO_MEM, GuestConfig, GuestVm
 from guest.workload import Workload, WorkloadSpec
 from memhp import dm
+from memhp import virtio_mem as vmem
 from memhp.logs import get_logger
 from memhp.units import PAGE_SIZE
-from memhp.v1 import dm_pb2, dm_pb2_grpc
+from memhp.v1 import dm_pb2, dm_pb2_grpc, virtio_mem_pb2, virtio_mem_pb2_grpc
 from memhp.wire import from_frame, range_to_pb, to_frame
 
 #: Seconds the hypervisor has to answer ``attach``.
@@ -110,13 +121,19 @@ class AgentError(Exception):
     """Something reconnecting cannot fix (a refused attach, a changed layout)."""
 
 
-class Link(Protocol):
-    """One open DM stream."""
+SendT = TypeVar("SendT", contravariant=True)
+RecvT = TypeVar("RecvT", covariant=True)
+S = TypeVar("S")
+R = TypeVar("R")
 
-    async def write(self, msg: dm_pb2.GuestToHost) -> None:
+
+class Link(Protocol[SendT, RecvT]):
+    """One open stream: the DM channel's or a virtio-mem device's."""
+
+    async def write(self, msg: SendT) -> None:
         """Send one message; raises :class:`LinkClosed`."""
 
-    async def read(self) -> dm_pb2.HostToGuest | None:
+    async def read(self) -> RecvT | None:
         """The next host message, None when the host ended the stream; raises LinkClosed."""
 
     async def close(self) -> None:
@@ -135,23 +152,25 @@ class EventSink(Protocol):
 
 
 class Transport(Protocol):
-    """Opens DM streams to one hypervisor."""
+    """Opens streams to one hypervisor (DM or virtio-mem, as the agent's protocol says)."""
 
-    async def open(self) -> Link: ...
+    async def open(self) -> Link[Any, Any]: ...
 
     async def close(self) -> None: ...
 
 
-class GrpcLink:
-    """A ``DynamicMemory.Connect`` call on its own channel."""
+class GrpcLink(Generic[S, R]):
+    """A ``DynamicMemory.Connect`` or ``VirtioMem.Connect`` call on its own channel."""
 
     def __init__(
         self,
         channel: grpc.aio.Channel,
-        call: grpc.aio.StreamStreamCall[dm_pb2.GuestToHost, dm_pb2.HostToGuest],
+        call: grpc.aio.StreamStreamCall[S, R],
+        recv_type: type[R],
     ) -> None:
         self._channel = channel
         self._call = call
+        self._recv_type = recv_type
         self._closed = False
 
     def _broken(self, err: BaseException) -> LinkClosed:
@@ -173,13 +192,13 @@ class GrpcLink:
                 raise LinkClosed("stream closed") from None
             raise
 
-    async def write(self, msg: dm_pb2.GuestToHost) -> None:
+    async def write(self, msg: S) -> None:
         await self._guard(lambda: self._call.write(msg))
 
-    async def read(self) -> dm_pb2.HostToGuest | None:
+    async def read(self) -> R | None:
         msg = await self._guard(self._call.read)
         # Anything but a message is grpc.aio.EOF: the host ended the stream.
-        return msg if isinstance(msg, dm_pb2.HostToGuest) else None
+        return msg if isinstance(msg, self._recv_type) else None
 
     async def close(self) -> None:
         if self._closed:
@@ -190,15 +209,22 @@ class GrpcLink:
 
 
 class GrpcTransport:
-    """A fresh channel per stream, so only the agent's own backoff paces reconnects."""
+    """A fresh channel per stream, so only the agent's own backoff paces reconnects.
 
-    def __init__(self, target: str) -> None:
+    ``protocol`` picks the service: ``DynamicMemory`` (hyperv-dm) or ``VirtioMem``.
+    """
+
+    def __init__(self, target: str, protocol: str = HYPERV_DM) -> None:
         self.target = target
+        self.protocol = protocol
 
-    async def open(self) -> Link:
+    async def open(self) -> Link[Any, Any]:
         channel = grpc.aio.insecure_channel(self.target)
+        if self.protocol == VIRTIO_MEM:
+            vstub = virtio_mem_pb2_grpc.VirtioMemStub(channel)
+            return GrpcLink(channel, vstub.Connect(None), virtio_mem_pb2.DeviceToGuest)
         stub = dm_pb2_grpc.DynamicMemoryStub(channel)
-        return GrpcLink(channel, stub.Connect(None))
+        return GrpcLink(channel, stub.Connect(None), dm_pb2.HostToGuest)
 
     async def close(self) -> None:
         return None
@@ -239,6 +265,12 @@ class AgentOptions:
     backoff_max: float = BACKOFF_MAX
     #: Announced at attach: where this agent serves GuestIntrospection ("" for nowhere).
     introspection_address: str = ""
+    #: hyperv-dm (the DM channel) or virtio-mem (the VirtioMem channel of one device).
+    protocol: str = HYPERV_DM
+    #: virtio_mem module parameters.
+    virtio_mem_force_bbm: bool = False
+    virtio_mem_unplug_online: bool = True
+    virtio_mem_bbm_safe_unplug: bool = True
 
     def guest_config(self, layout: Layout) -> GuestConfig:
         """The guest's configuration: the hypervisor's layout plus these options."""
@@ -255,6 +287,10 @@ class AgentOptions:
                 self.pressure_report_delay, self.status_interval
             ),
             status_interval=self.status_interval,
+            protocol=self.protocol,
+            virtio_mem_force_bbm=self.virtio_mem_force_bbm,
+            virtio_mem_unplug_online=self.virtio_mem_unplug_online,
+            virtio_mem_bbm_safe_unplug=self.virtio_mem_bbm_safe_unplug,
         )
 
 
@@ -293,6 +329,15 @@ class AccessBatcher:
         if self.deadline is None:
             self.deadline = now + self.window
 
+    def add_pfn_ranges(self, what: str, ranges: tuple[tuple[int, int], ...], now: float) -> None:
+        """A virtio-mem access report (``[start, end)`` PFNs, no trans_id: 0 stands in)."""
+        pages = self._pages.setdefault(what, RangeSet())
+        for start, end in ranges:
+            pages.add(start, end)
+        self._trans_ids.append(0)
+        if self.deadline is None:
+            self.deadline = now + self.window
+
     def due(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
 
@@ -308,6 +353,19 @@ class AccessBatcher:
         self._trans_ids.clear()
         self.deadline = None
         return out
+
+
+def config_from_pb(pb: virtio_mem_pb2.VirtioMemConfig) -> vmem.VirtioMemConfig:
+    """The device's config space from the wire; VirtioMemProtocolError if it cannot be one."""
+    return vmem.VirtioMemConfig(
+        block_size=pb.block_size,
+        node_id=pb.node_id,
+        addr=pb.addr,
+        region_size=pb.region_size,
+        usable_region_size=pb.usable_region_size,
+        plugged_size=pb.plugged_size,
+        requested_size=pb.requested_size,
+    )
 
 
 def memory_state(vm: GuestVm) -> dm_pb2.GuestMemoryState:
@@ -381,16 +439,19 @@ class GuestAgent:
         #: Recent guest events, oldest first (the trace of a violation).
         self.events: deque[str] = deque(maxlen=TRACE_EVENTS)
         self._unlogged: list[tuple[str, dict[str, Any]]] = []
-        self._link: Link | None = None
+        self._link: Link[Any, Any] | None = None
         self._wake = asyncio.Event()
         #: One step at a time: the pump's or the reader's (frames are answered inline).
         self._step_lock = asyncio.Lock()
-        #: When the pump wakes by itself next (agent time; inf: only when woken).
-        self._pump_wakes_at = 0.0
         self._t0 = 0.0
         self._access = AccessBatcher(options.access_batch)
         self._sysfs_dirty = False
         self._sysfs_written_at: float | None = None
+        #: When the sleeping pump wakes on its own (None: only when woken).
+        self._pump_wakes_at: float | None = None
+        self.virtio = options.protocol == VIRTIO_MEM
+        #: The virtio-mem request sent on the current stream and not answered yet.
+        self._vmem_pending: vmem.VirtioMemRequest | None = None
 
     # -- time and wake-ups ----------------------------------------------------------
 
@@ -409,6 +470,19 @@ class GuestAgent:
             self.event_sink.state_changed()
         self.wake()
 
+    def _wake_if_sooner(self) -> None:
+        """A step outside the pump (a frame answered inline) may have armed a timer that
+        is due before the pump means to wake: wake it, so it sleeps until that timer."""
+        vm = self.vm
+        if vm is None:
+            return
+        if self._sysfs_dirty and self.options.sysfs_dir is not None:
+            self.wake()  # the pump rewrites sysfs
+            return
+        due = [d for d in (vm.next_deadline(), self._access.deadline) if d is not None]
+        if due and (self._pump_wakes_at is None or min(due) < self._pump_wakes_at):
+            self.wake()
+
     def catch_up(self) -> None:
         """Bring the guest's clock to now before something from outside changes it.
 
@@ -421,8 +495,12 @@ class GuestAgent:
 
     def link_stats(self) -> LinkStats:
         """The DM stream counters ``GetMemory`` reports (a scenario step settles on them)."""
-        unsent = len(self._access) + (len(self.vm.driver.outbox) if self.vm is not None else 0)
-        return LinkStats(self.frames_sent, self.frames_received, unsent)
+        outbox = 0
+        if self.vm is not None:
+            if self.vm.hv_balloon is not None:
+                outbox += len(self.vm.hv_balloon.outbox)
+            outbox += sum(len(d.outbox) for d in self.vm.virtio_mem)
+        return LinkStats(self.frames_sent, self.frames_received, len(self._access) + outbox)
 
     # -- running ------------------------------------------------------------------------
 
@@ -476,7 +554,10 @@ class GuestAgent:
             await asyncio.sleep(pause)
             delay = min(delay * 2, self.options.backoff_max)
 
-    async def _attach(self, link: Link) -> None:
+    async def _attach(self, link: Link[Any, Any]) -> None:
+        if self.virtio:
+            await self._attach_virtio(link)
+            return
         attach = dm_pb2.Attach(
             vm_id=self.options.vm_id, introspection_address=self.options.introspection_address
         )
@@ -516,13 +597,75 @@ class GuestAgent:
         self.attached.set()
         self.wake()
 
-    def _build(self, layout: Layout) -> None:
+    async def _attach_virtio(self, link: Link[Any, Any]) -> None:
+        """Attach the virtio-mem device's stream (see the module doc)."""
+        attach = virtio_mem_pb2.VirtioMemAttach(
+            vm_id=self.options.vm_id, introspection_address=self.options.introspection_address
+        )
+        await link.write(virtio_mem_pb2.GuestToDevice(attach=attach))
+        try:
+            async with asyncio.timeout(ATTACH_TIMEOUT):
+                reply = await link.read()
+        except TimeoutError:
+            raise LinkClosed(f"no answer to attach within {ATTACH_TIMEOUT:.0f} s") from None
+        if reply is None:
+            raise LinkClosed("the hypervisor ended the stream before attached")
+        kind = reply.WhichOneof("msg")
+        if kind != "attached":
+            raise LinkClosed(f"expected attached, got {kind}")
+        layout = Layout.from_pb(reply.attached.layout)
+        config = config_from_pb(reply.attached.config)
+        if self.vm is None:
+            self._build(layout, config)
+            assert self.vm is not None
+            try:
+                self.vm.start()
+            except (ValueError, MemoryHotplugError) as err:
+                raise AgentError(str(err)) from None
+        else:
+            self._check_layout(layout)
+            driver = self.vm.virtio_mem[0]
+            if (config.addr, config.region_size, config.block_size) != (
+                driver.config.addr,
+                driver.config.region_size,
+                driver.config.block_size,
+            ):
+                raise AgentError(
+                    f"the hypervisor changed the virtio-mem device across a reattach: "
+                    f"{driver.config} -> {config}"
+                )
+            # What the device shows now (a resize while away is a config change).
+            self.catch_up()
+            self.vm.virtio_config_changed(config)
+        self.attach_count += 1
+        self.connected = True
+        self._link = link
+        # A request the old stream never answered goes out again on this one.
+        self._vmem_pending = None
+        if self.vm.virtio_mem and self.vm.virtio_mem[0].request_in_flight is not None:
+            await self._write_virtio(self.vm.virtio_mem[0].request_in_flight)
+        self.log.info(
+            "attached",
+            reattach=self.attach_count > 1,
+            protocol=VIRTIO_MEM,
+            boot_pages=layout.boot_pages,
+            block_pages=layout.block_pages,
+            region_size=config.region_size,
+            plugged_size=config.plugged_size,
+            requested_size=config.requested_size,
+        )
+        self.attached.set()
+        self.wake()
+
+    def _build(self, layout: Layout, device: vmem.VirtioMemConfig | None = None) -> None:
         if layout.vm_id and layout.vm_id != self.options.vm_id:
             raise AgentError(f"attached as {layout.vm_id!r}, not {self.options.vm_id!r}")
         try:
             config = self.options.guest_config(layout)
             self._t0 = self._clock()
             vm = GuestVm(config, now=0.0, on_event=self._on_event)
+            if device is not None:
+                vm.attach_virtio_mem(device)
         except (ValueError, MemoryHotplugError) as err:
             raise AgentError(f"unusable layout {layout}: {err}") from None
         vm.mm.notifier.register(self._memory_notifier, -1000, name="guest-agent")
@@ -546,7 +689,10 @@ class GuestAgent:
             self.log.info("max_pages_changed", old=old.max_pages, new=layout.max_pages)
             self.layout = layout
 
-    async def _read_loop(self, link: Link) -> None:
+    async def _read_loop(self, link: Link[Any, Any]) -> None:
+        if self.virtio:
+            await self._read_loop_virtio(link)
+            return
         while True:
             msg = await link.read()
             if msg is None:
@@ -558,24 +704,50 @@ class GuestAgent:
                     # Answer from here: the host waits, and a hop through the pump task
                     # costs a turn of the loop. The pump still runs for its timers.
                     async with self._step_lock:
-                        now = self.elapsed()
-                        await self._step(now)
-                        vm = self.vm
-                        assert vm is not None
-                        due = self._timeout(vm, now)
-                    # The answer is out. Wake the pump when the step left it something to
-                    # do before it would wake anyway (a udev onlining after its delay, an
-                    # access report, sysfs to rewrite).
-                    if (self._sysfs_dirty and self.options.sysfs_dir is not None) or (
-                        due is not None and now + due < self._pump_wakes_at
-                    ):
-                        self.wake()
+                        await self._step(self.elapsed())
+                    self._wake_if_sooner()
                     continue
             elif kind == "error":
                 self._on_host_error(msg.error)
             else:
                 self.log.warning("unexpected_host_message", kind=kind)
             self.wake()
+
+    async def _read_loop_virtio(self, link: Link[Any, Any]) -> None:
+        vm = self.vm
+        assert vm is not None
+        while True:
+            msg = await link.read()
+            if msg is None:
+                raise LinkClosed("the hypervisor ended the stream")
+            kind = msg.WhichOneof("msg")
+            if kind == "response":
+                self.frames_received += 1
+                try:
+                    resp = vmem.VirtioMemResponse(
+                        vmem.VirtioMemRespType(msg.response.type), msg.response.state
+                    )
+                    config = config_from_pb(msg.response.config)
+                except (ValueError, vmem.VirtioMemProtocolError) as err:
+                    self.log.warning("bad_device_response", error=str(err))
+                    continue
+                self._vmem_pending = None
+                async with self._step_lock:
+                    self.catch_up()
+                    vm.deliver_virtio(resp, config)
+                    # Answer from here: the next request goes out without a pump turn.
+                    await self._step(self.elapsed())
+                self._wake_if_sooner()
+                continue
+            if kind == "config_changed":
+                self.frames_received += 1
+                async with self._step_lock:
+                    self.catch_up()
+                    vm.virtio_config_changed(config_from_pb(msg.config_changed.config))
+                    await self._step(self.elapsed())
+                self._wake_if_sooner()
+                continue
+            self.log.warning("unexpected_device_message", kind=kind)
 
     def _on_frame(self, frame: dm_pb2.DmFrame) -> None:
         assert self.vm is not None
@@ -613,7 +785,7 @@ class GuestAgent:
                     await self._flush_access()
                 self._sync_sysfs(now)
                 timeout = self._timeout(vm, now)
-                self._pump_wakes_at = math.inf if timeout is None else now + timeout
+                self._pump_wakes_at = None if timeout is None else now + timeout
             if timeout is None:
                 await self._wake.wait()
             elif timeout > 0:
@@ -628,7 +800,10 @@ class GuestAgent:
         vm = self.vm
         assert vm is not None
         vm.run_until(now)
-        await self._send(vm.drain_outbox(), now)
+        if self.virtio:
+            await self._send_virtio(vm.drain_virtio_outbox(), now)
+        else:
+            await self._send(vm.drain_outbox(), now)
         self._log_events()
 
     def _timeout(self, vm: GuestVm, now: float) -> float | None:
@@ -650,7 +825,60 @@ class GuestAgent:
     async def _flush_access(self) -> None:
         if self._access and self._link is not None:
             for report in self._access.take():
-                await self._write(report)
+                if self.virtio:
+                    await self._write_access_virtio(report)
+                else:
+                    await self._write(report)
+
+    async def _send_virtio(
+        self, messages: list[vmem.VirtioMemRequest | vmem.AccessReport], now: float
+    ) -> None:
+        for msg in messages:
+            if isinstance(msg, vmem.AccessReport):
+                self._access.add_pfn_ranges(msg.what, msg.ranges, now)
+                continue
+            await self._flush_access()
+            await self._write_virtio(msg)
+
+    async def _write_virtio(self, req: vmem.VirtioMemRequest) -> None:
+        """One request; without a stream it waits for the next (sent again at attach)."""
+        link = self._link
+        if link is None or self._vmem_pending is req:
+            return
+        pb = virtio_mem_pb2.GuestToDevice(
+            request=virtio_mem_pb2.VirtioMemRequest(
+                type=int(req.type), addr=req.addr, nb_blocks=req.nb_blocks
+            )
+        )
+        try:
+            await link.write(pb)
+        except LinkClosed as err:
+            self.log.info("send_failed", message=req.name, error=str(err))
+            if self._link is link:
+                self._link = None
+            return
+        self._vmem_pending = req
+        self.frames_sent += 1
+
+    async def _write_access_virtio(self, report: dm.AccessReport) -> None:
+        link = self._link
+        if link is None:
+            self.frames_dropped += 1
+            return
+        pb = virtio_mem_pb2.GuestToDevice(
+            access=dm_pb2.AccessReport(
+                ranges=[range_to_pb(r) for r in report.ranges], what=report.what
+            )
+        )
+        try:
+            await link.write(pb)
+        except LinkClosed as err:
+            self.frames_dropped += 1
+            self.log.info("send_failed", message="access", error=str(err))
+            if self._link is link:
+                self._link = None
+            return
+        self.frames_sent += 1
 
     async def _write(self, msg: dm.DmMessage) -> None:
         link = self._link
@@ -734,6 +962,7 @@ __all__ = [
     "LinkStats",
     "Transport",
     "agent_of",
+    "config_from_pb",
     "memory_state",
     "pressure_report_calls",
 ]

@@ -1,7 +1,8 @@
 """``memhp guest``: the guest-agent process.
 
-Dials the hypervisor's DM channel as one VM, runs the emulated guest (memory model,
-``hv_balloon`` driver, udev, an optional workload) in real time, and serves its
+Dials the hypervisor's DM channel as one VM (``--protocol virtio-mem``: its virtio-mem
+device's channel), runs the emulated guest (memory model, the ``hv_balloon`` or
+``virtio_mem`` driver, udev, an optional workload) in real time, and serves its
 ``GuestIntrospection``, ``GuestControl`` and gRPC health on ``--listen``. The VM id is
 ``--vm-id``, else ``$MEMHP_VM_ID``, else the hostname (a container replica names its
 VM after itself). Health: "" is SERVING while the DM stream is attached, the two
@@ -9,8 +10,10 @@ services once the first attach built the guest. ``--ready-file`` gets
 ``HOST:PORT`` of that server (atomically) once it listens and the first attach
 succeeded. SIGTERM or SIGINT closes the stream and the server and exits 0; 1 is a
 fatal error (the hypervisor refused the VM for good, or changed its layout), 2 bad
-input. With ``--mqtt URL`` every guest event and the retained memory map go to an
-MQTT broker (:mod:`guest.mqtt_events`); the guest never waits on it.
+input. ``--protocol hyperv-dm+virtio-mem`` exits 1 at once with the probe failure Linux
+gives (one ``online_page_callback`` system-wide). With ``--mqtt URL`` every guest event
+and the retained memory map go to an MQTT broker (:mod:`guest.mqtt_events`); the guest
+never waits on it.
 """
 
 from __future__ import annotations
@@ -34,15 +37,17 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from guest.agent import AgentOptions, GrpcTransport, GuestAgent
 from guest.drivers.hv_balloon import MODES, STRATEGIES
+from guest.drivers.virtio_mem import VirtioMemProbeError
 from guest.introspection import GuestControl, GuestIntrospection
 from guest.mm.memory import MMOP_OFFLINE, ONLINE_TYPES
 from guest.mqtt_events import GuestMqtt
-from guest.vm import GuestVm
+from guest.vm import HYPERV_DM, PROTOCOLS, VIRTIO_MEM, GuestConfig, GuestVm
 from guest.workload import WorkloadError, WorkloadSpec
 from memhp.events import TopicError, check_vm_level
 from memhp.logs import get_logger
 from memhp.mqtt import DEFAULT_QUEUE, MqttPublisher, broker_url_arg, queue_size_arg
 from memhp.v1 import guest_pb2, guest_pb2_grpc
+from memhp.virtio_mem import VirtioMemConfig
 
 log = get_logger("guest.cli")
 
@@ -118,6 +123,25 @@ def add_subparser(subparsers: Any) -> None:
         "address with the bound port; the hostname when it listens on 0.0.0.0)",
     )
     p.add_argument("--ready-file", type=Path, metavar="PATH", help="write HOST:PORT here when up")
+    p.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default=HYPERV_DM,
+        help="the guest's memory device: hyperv-dm (the DM channel, default), virtio-mem "
+        "(the VirtioMem channel of one device; the VM must be a virtio-mem VM), or both, "
+        "which fails as in Linux (exit 1)",
+    )
+    for name, default, what in (
+        ("force-bbm", False, "use Big Block Mode even where Sub Block Mode fits"),
+        ("unplug-online", True, "unplug online memory (fake-offlining it first)"),
+        ("bbm-safe-unplug", True, "in Big Block Mode, offline only blocks it can unplug"),
+    ):
+        p.add_argument(
+            f"--{name}",
+            action=argparse.BooleanOptionalAction,
+            default=default,
+            help=f"virtio_mem module parameter: {what} (default %(default)s)",
+        )
     p.add_argument("--strategy", choices=STRATEGIES, default="callback")
     p.add_argument("--driver-mode", choices=MODES, default="upstream")
     p.add_argument(
@@ -227,7 +251,29 @@ def options_from_args(args: argparse.Namespace) -> AgentOptions:
         access_batch=args.access_batch_ms / 1000.0,
         sysfs_dir=args.sysfs_dir,
         workload=args.workload,
+        protocol=args.protocol,
+        virtio_mem_force_bbm=args.force_bbm,
+        virtio_mem_unplug_online=args.unplug_online,
+        virtio_mem_bbm_safe_unplug=args.bbm_safe_unplug,
     )
+
+
+def probe_failure(protocol: str) -> str | None:
+    """Why a guest with these devices cannot start (None: it can).
+
+    hv_balloon and virtio_mem cannot both install the one ``online_page_callback``: the
+    guest is booted with both drivers (a nominal device; the failure does not depend on
+    it) and the probe's error is the answer, word for word.
+    """
+    if HYPERV_DM not in protocol.split("+") or VIRTIO_MEM not in protocol.split("+"):
+        return None
+    vm = GuestVm(GuestConfig("probe", 32_768, protocol=protocol))
+    vm.attach_virtio_mem(VirtioMemConfig(2 << 20, 0, 1 << 32, 1 << 30, 0, 0, 0))
+    try:
+        vm.start()
+    except VirtioMemProbeError as err:
+        return str(err)
+    return None
 
 
 def advertised_address(host: str, port: int) -> str:
@@ -259,6 +305,11 @@ def _run(args: argparse.Namespace) -> int:
     except ValueError as err:
         sys.stderr.write(f"memhp guest: {err}\n")
         return EXIT_BAD_INPUT
+    failure = probe_failure(args.protocol)
+    if failure is not None:
+        sys.stderr.write(f"memhp guest: --protocol {args.protocol}: {failure}\n")
+        log.error("probe_failed", protocol=args.protocol, reason=failure)
+        return EXIT_FATAL
     if args.mqtt is not None:
         try:
             check_vm_level(args.vm_id)
@@ -288,7 +339,7 @@ async def serve(args: argparse.Namespace) -> int:
     structlog.contextvars.bind_contextvars(vm=args.vm_id, component="guest")
     options = options_from_args(args)
     sink = _mqtt_sink(args, lambda: agent.vm)
-    agent = GuestAgent(options, GrpcTransport(args.hypervisor), event_sink=sink)
+    agent = GuestAgent(options, GrpcTransport(args.hypervisor, args.protocol), event_sink=sink)
     server = grpc.aio.server()
     guest_pb2_grpc.add_GuestIntrospectionServicer_to_server(
         GuestIntrospection(

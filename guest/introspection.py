@@ -44,14 +44,17 @@ import grpc
 from extents import RangeSet
 from guest.agent import agent_of
 from guest.blockmap import block_cell
+from guest.drivers.virtio_mem import VirtioMem
 from guest.invariants import check_guest
 from guest.mm.dump import walk_dump
 from guest.mm.errors import MemoryHotplugError
 from guest.mm.memory import HotplugLockBusy, MemoryBlock
 from guest.mm.pages import ALLOCATED, BUDDY, OWNER_BALLOON, PAGE_OFFLINE, RESERVED
 from guest.sysfs import block_files
+from guest.virtio_mem_invariants import check_virtio_mem
 from guest.vm import GuestVm
 from memhp.logs import get_logger
+from memhp.units import PAGE_SHIFT
 from memhp.v1 import guest_pb2, guest_pb2_grpc
 
 log = get_logger("guest.introspection")
@@ -122,9 +125,8 @@ def guest_memory_pb(
     With ``request.host_truth`` the invariants are checked against the host's backed and
     offered pages, as the in-process scenario runner checks them.
     """
-    mm, driver = vm.mm, vm.driver
+    mm, driver = vm.mm, vm.hv_balloon
     recent = list(trace)
-    c = driver.counters
     backed: RangeSet | None = None
     offered: RangeSet | None = None
     if request is not None and request.host_truth:
@@ -132,16 +134,29 @@ def guest_memory_pb(
         offered = range_set(request.host_offered)
     agent = agent_of(vm)
     stats = None if agent is None else agent.link_stats()
-    return guest_pb2.GuestMemory(
+    findings = check_guest(mm, driver, None if driver is None else backed, offered)
+    for vdriver in vm.virtio_mem:
+        # For a virtio-mem guest host_backed is the device's plugged memory.
+        plugged = None
+        plugged_size = None
+        if backed is not None:
+            plugged = RangeSet()
+            for s, e in backed.ranges():
+                s, e = max(s, vdriver.start_pfn), min(e, vdriver.end_pfn)
+                if s < e:
+                    plugged.add(s, e)
+            plugged_size = len(plugged) << PAGE_SHIFT
+        findings += check_virtio_mem(mm, vdriver, plugged, plugged_size)
+    memory = guest_pb2.GuestMemory(
         vm_id=vm.config.vm_id,
         block_size_bytes=mm.geometry.block_size_bytes,
         auto_online_blocks=mm.auto_online_blocks,
         blocks=[block_pb(vm, mm.blocks[i]) for i in sorted(mm.blocks)],
         meminfo=mm.meminfo(),
         counters=guest_pb2.DriverCounters(
-            num_pages_added=c.num_pages_added,
-            num_pages_onlined=c.num_pages_onlined,
-            num_pages_ballooned=c.num_pages_ballooned,
+            num_pages_added=0 if driver is None else driver.counters.num_pages_added,
+            num_pages_onlined=0 if driver is None else driver.counters.num_pages_onlined,
+            num_pages_ballooned=0 if driver is None else driver.counters.num_pages_ballooned,
         ),
         regions=[
             guest_pb2.HotAddState(
@@ -152,7 +167,7 @@ def guest_memory_pb(
                 covered_end_pfn=has.covered_end_pfn,
                 gaps=[guest_pb2.Gap(start_pfn=s, end_pfn=e) for s, e in has.gaps],
             )
-            for has in driver.ha_regions
+            for has in (driver.ha_regions if driver is not None else ())
         ],
         # The same counts as the scenario result's ``pages`` (memhp/scenario/result.py).
         pages=guest_pb2.PageCounts(
@@ -170,15 +185,48 @@ def guest_memory_pb(
                 message=f.message,
                 trace=recent,
             )
-            for f in check_guest(mm, driver, backed, offered)
+            for f in findings
         ],
         strategy=vm.config.strategy,
         driver_mode=vm.config.driver_mode,
-        dm_state=driver.state,
+        dm_state="" if driver is None else driver.state,
         busy=vm.busy,
-        unsent_messages=(len(driver.outbox) if stats is None else stats.unsent_messages),
+        unsent_messages=(
+            stats.unsent_messages
+            if stats is not None
+            else len(driver.outbox)
+            if driver is not None
+            else sum(len(d.outbox) for d in vm.virtio_mem)
+        ),
         frames_sent=0 if stats is None else stats.frames_sent,
         frames_received=0 if stats is None else stats.frames_received,
+    )
+    if vm.virtio_mem:
+        memory.virtio_mem.CopyFrom(virtio_mem_pb(vm.virtio_mem[0]))
+    return memory
+
+
+def virtio_mem_pb(driver: VirtioMem) -> guest_pb2.GuestVirtioMem:
+    """The ``virtio_mem`` driver's state (memhp/scenario/result.py's ``driver`` view)."""
+    unit = driver.sb_size if driver.in_sbm else driver.bb_size
+    return guest_pb2.GuestVirtioMem(
+        mode=driver.mode,
+        probed=driver.probed,
+        broken=driver.broken,
+        requested_size=driver.requested_size,
+        plugged_size=driver.plugged_size,
+        unit_size=unit,
+        offline_size=driver.offline_size,
+        offline_threshold=driver.offline_threshold,
+        retry_timer_armed=driver.retry_timer_deadline is not None,
+        retry_timer_ms=driver.retry_timer_ms,
+        busy=driver.busy or driver.request_in_flight is not None,
+        blocks=[
+            guest_pb2.VirtioMemBlock(
+                id=block, state=state, plugged_pages=driver.block_plugged_pages(block)
+            )
+            for block, state in driver.block_states().items()
+        ],
     )
 
 

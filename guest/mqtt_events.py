@@ -19,6 +19,7 @@ from typing import Any, Final
 
 from guest.blockmap import block_cells, run_length
 from guest.invariants import check_guest
+from guest.virtio_mem_invariants import check_virtio_mem
 from guest.vm import GuestVm
 from memhp import events
 from memhp.logs import get_logger
@@ -48,7 +49,7 @@ def guest_document(
         "meminfo": mm.meminfo(),
         "strategy": vm.config.strategy,
         "driver_mode": vm.config.driver_mode,
-        "dm_state": vm.driver.state,
+        "dm_state": vm.hv_balloon.state if vm.hv_balloon is not None else "",
         "violations": violations,
         "mqtt": dict(mqtt),
     }
@@ -93,7 +94,9 @@ class GuestMqtt:
         vm = self._get_vm()
         if vm is None:
             return  # not attached yet: no layout, no memory map
-        findings = check_guest(vm.mm, vm.driver, None, None)
+        findings = check_guest(vm.mm, vm.hv_balloon, None, None)
+        for driver in vm.virtio_mem:
+            findings += check_virtio_mem(vm.mm, driver)
         known: set[tuple[str, int, int]] = set()
         for f in findings:
             key = (f.invariant, f.start_pfn, f.end_pfn)

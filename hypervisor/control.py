@@ -18,7 +18,16 @@ from hypervisor.dm_host import DmHostSession
 from hypervisor.errors import HostCommandError
 from hypervisor.policy import DynamicPolicy, ManualPolicy, TargetPolicy, make_dynamic
 from hypervisor.runtime import Hypervisor, PublishedEvent, ServiceError, VmHandle
-from hypervisor.vm import MIN_BLOCK_PAGES, VmConfig
+from hypervisor.vm import (
+    DEFAULT_VIRTIO_MEM_BLOCK,
+    HYPERV_DM,
+    MIN_BLOCK_PAGES,
+    PROTOCOLS,
+    VIRTIO_MEM,
+    VirtioMemSettings,
+    VmConfig,
+    default_virtio_mem_addr,
+)
 from memhp import dm
 from memhp.units import PAGE_SHIFT, PAGE_SIZE
 from memhp.v1 import control_pb2, control_pb2_grpc, dm_pb2
@@ -60,7 +69,12 @@ _SPEC_FIELDS: Final = {
     "boot_pages": "boot_bytes",
     "max_pages": "max_bytes",
     "block_pages": "block_size_bytes",
+    "protocol": "protocol",
+    "virtio_mem": "virtio_mem",
+    "virtio_mem.addr": "virtio_mem.addr",
 }
+#: The device's names (QEMU's) -> ResizeRequest fields.
+_RESIZE_FIELDS: Final = {"requested_size": "requested_bytes"}
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -80,18 +94,104 @@ def _host_error(err: HostCommandError, fields: Mapping[str, str]) -> ServiceErro
 
 
 def config_from_spec(spec: control_pb2.VmSpec) -> VmConfig:
-    """A VmConfig from a VmSpec; ServiceError naming the proto field when it does not fit."""
+    """A VmConfig from a VmSpec; ServiceError naming the proto field when it does not fit.
+
+    The virtio-mem device's own rules (QEMU's realize) are checked when the VM's device
+    is made (:meth:`hypervisor.runtime.Hypervisor.create_vm`).
+    """
+    protocol = spec.protocol or HYPERV_DM
+    if protocol not in PROTOCOLS:
+        raise ServiceError(
+            "invalid_argument",
+            "protocol",
+            f"must be one of {', '.join(PROTOCOLS)}, got {protocol!r}",
+        )
     block = spec.block_size_bytes or MIN_BLOCK_PAGES << PAGE_SHIFT
     boot = _pages("boot_bytes", spec.boot_bytes)
-    max_pages = _pages("max_bytes", spec.max_bytes)
+    virtio = protocol == VIRTIO_MEM
+    max_bytes = spec.max_bytes or (spec.boot_bytes if virtio else 0)
+    max_pages = _pages("max_bytes", max_bytes)
     block_pages = _pages("block_size_bytes", block)
+    settings: VirtioMemSettings | None = None
+    if spec.HasField("virtio_mem") and not virtio:
+        raise ServiceError(
+            "invalid_argument", "virtio_mem", f"only with protocol {VIRTIO_MEM}, not {protocol}"
+        )
+    if virtio:
+        if not spec.HasField("virtio_mem"):
+            raise ServiceError(
+                "invalid_argument", "virtio_mem", f"required with protocol {VIRTIO_MEM}"
+            )
+        v = spec.virtio_mem
+        if not v.region_size_bytes:
+            raise ServiceError("invalid_argument", "virtio_mem.region_size_bytes", "required, > 0")
+        device_block = v.block_size_bytes or DEFAULT_VIRTIO_MEM_BLOCK
+        addr = (
+            v.addr
+            if v.HasField("addr")
+            else default_virtio_mem_addr(max_bytes, block, device_block)
+        )
+        settings = VirtioMemSettings(
+            region_size=v.region_size_bytes,
+            addr=addr,
+            block_size=device_block,
+            requested=v.requested_bytes,
+            node_id=v.node_id,
+        )
+        if v.node_id > 0xFFFF:
+            raise ServiceError(
+                "invalid_argument", "virtio_mem.node_id", f"must fit 16 bits, got {v.node_id}"
+            )
     try:
-        return VmConfig(spec.vm_id, boot, max_pages, block_pages)
+        return VmConfig(spec.vm_id, boot, max_pages, block_pages, protocol, settings)
     except ValueError as err:
         name, _, rule = str(err).partition(" ")
         raise ServiceError(
             "invalid_argument", _SPEC_FIELDS.get(name, "spec"), rule or str(err)
         ) from None
+
+
+def spec_to_pb(cfg: VmConfig) -> control_pb2.VmSpec:
+    spec = control_pb2.VmSpec(
+        vm_id=cfg.vm_id,
+        boot_bytes=cfg.boot_pages << PAGE_SHIFT,
+        max_bytes=cfg.max_pages << PAGE_SHIFT,
+        block_size_bytes=cfg.block_pages << PAGE_SHIFT,
+        protocol=cfg.protocol,
+    )
+    v = cfg.virtio_mem
+    if v is not None:
+        spec.virtio_mem.CopyFrom(
+            control_pb2.VirtioMemSpec(
+                region_size_bytes=v.region_size,
+                block_size_bytes=v.block_size,
+                requested_bytes=v.requested,
+                addr=v.addr,
+                node_id=v.node_id,
+            )
+        )
+    return spec
+
+
+def virtio_mem_info(handle: VmHandle, *, full: bool) -> control_pb2.VirtioMemInfo | None:
+    device = handle.device
+    if device is None:
+        return None
+    info = control_pb2.VirtioMemInfo(
+        requested_bytes=device.requested_size,
+        plugged_bytes=device.plugged_size,
+        block_size_bytes=device.block_size,
+        region_size_bytes=device.region_size,
+        usable_region_size_bytes=device.usable_region_size,
+        addr=device.addr,
+        node_id=device.node_id,
+        answered=device.answered,
+        protocol_errors=len(device.protocol_errors),
+        violations=len(device.violations),
+    )
+    if full:
+        info.plugged.extend(ranges_to_pb(device.plugged.ranges()))
+    return info
 
 
 def policy_to_pb(policy: TargetPolicy) -> control_pb2.Policy:
@@ -129,14 +229,9 @@ def vm_to_pb(handle: VmHandle, *, full: bool = True) -> control_pb2.Vm:
     """
     cfg, s = handle.config, handle.session
     vm = control_pb2.Vm(
-        spec=control_pb2.VmSpec(
-            vm_id=cfg.vm_id,
-            boot_bytes=cfg.boot_pages << PAGE_SHIFT,
-            max_bytes=cfg.max_pages << PAGE_SHIFT,
-            block_size_bytes=cfg.block_pages << PAGE_SHIFT,
-        ),
+        spec=spec_to_pb(cfg),
         attached=handle.attached,
-        dm_state=s.state,
+        dm_state="" if cfg.is_virtio_mem else s.state,
         requested_bytes=(s.target_pages or 0) << PAGE_SHIFT,
         actual_bytes=s.current_pages << PAGE_SHIFT,
         committed_bytes=(s.committed_pages or 0) << PAGE_SHIFT,
@@ -167,6 +262,9 @@ def vm_to_pb(handle: VmHandle, *, full: bool = True) -> control_pb2.Vm:
             added_pages=region.added_pages,
             unusable=region.unusable,
         )
+    info = virtio_mem_info(handle, full=full)
+    if info is not None:
+        vm.virtio_mem.CopyFrom(info)
     txn = s.in_flight
     if txn is not None:
         vm.in_flight.CopyFrom(
@@ -347,6 +445,15 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
         except ServiceError as err:
             await _abort(context, err)
         return vm_to_pb(handle)
+
+    async def Resize(self, request: control_pb2.ResizeRequest, context: Context) -> control_pb2.Vm:
+        try:
+            handle = self.hv.resize(request.vm_id, request.requested_bytes)
+        except HostCommandError as err:
+            await _abort(context, _host_error(err, _RESIZE_FIELDS))
+        except ServiceError as err:
+            await _abort(context, err)
+        return vm_to_pb(handle, full=False)
 
     async def WatchEvents(
         self, request: control_pb2.WatchEventsRequest, context: Context

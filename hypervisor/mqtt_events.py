@@ -33,12 +33,13 @@ def state_document(
     """The retained ``state`` document of one VM (``memhp/schema/state.json``)."""
     s = handle.session
     txn = s.in_flight
+    device = handle.device
     return {
         "version": events.VERSION,
         "timestamp": time.time() if timestamp is None else timestamp,
         "vm": handle.vm_id,
         "attached": handle.attached,
-        "dm_state": s.state,
+        "dm_state": "" if device is not None else s.state,
         "requested_bytes": (s.target_pages or 0) << PAGE_SHIFT,
         "actual_bytes": s.current_pages << PAGE_SHIFT,
         "committed_bytes": (s.committed_pages or 0) << PAGE_SHIFT,
@@ -52,6 +53,17 @@ def state_document(
         "backed_bytes": sum(r.backed_pages for r in s.regions) << PAGE_SHIFT,
         "guest_address": handle.guest_address,
         "mqtt": dict(mqtt),
+        "virtio_mem": None
+        if device is None
+        else {
+            "requested_bytes": device.requested_size,
+            "plugged_bytes": device.plugged_size,
+            "block_size_bytes": device.block_size,
+            "region_size_bytes": device.region_size,
+            "usable_region_size_bytes": device.usable_region_size,
+            "addr": device.addr,
+            "node_id": device.node_id,
+        },
     }
 
 

@@ -7,6 +7,13 @@ its messages to the attached guest, answers a protocol error with a notice and a
 reset, applies the VM's target policy to status reports, publishes events and writes
 what changed to the state file. Everything runs on one asyncio loop, so a step is
 never interleaved with another; nothing here knows gRPC beyond the message types.
+
+A virtio-mem VM (``protocol: virtio-mem``) has a :class:`VirtioMemDevice` instead: its
+guest attaches on the VirtioMem channel (:meth:`Hypervisor.attach_virtio`), each request
+is answered at once with the device's config after it, :meth:`Hypervisor.resize` sends
+the config interrupt, the device's events go to the same hub, and its snapshot goes to
+the state file whenever the plugged or requested size changes. Its DM session exists
+but stays idle: DM commands and DM attaches are refused.
 """
 
 from __future__ import annotations
@@ -32,10 +39,12 @@ from hypervisor.ground_truth import HotAddRegion
 from hypervisor.policy import DynamicPolicy, ManualPolicy, TargetPolicy, policy_from_data
 from hypervisor.reconcile import GuestState, ReconcileReport, reattach
 from hypervisor.store import StateStore, TruthWriter
+from hypervisor.virtio_mem_host import VirtioMemDevice
 from hypervisor.vm import VmConfig
 from memhp import dm, wire
+from memhp import virtio_mem as vmem
 from memhp.logs import get_logger
-from memhp.v1 import dm_pb2
+from memhp.v1 import dm_pb2, virtio_mem_pb2
 
 #: How many commands may wait behind the running one before the host says no.
 MAX_QUEUED_COMMANDS: Final = 16
@@ -45,8 +54,29 @@ ROUND_TRIP_WINDOW: Final = 4096
 WATCH_QUEUE_SIZE: Final = 10_000
 #: Session events after which every region is checked for changes, not just the active ones.
 _FULL_CHECK: Final = frozenset({"reset", "restored", "command_dropped", "hot_add_disabled"})
-#: Events logged at debug level (they come every second from every guest).
-_QUIET: Final = frozenset({"status_report", "command_queued", "command_started", "command_done"})
+#: Events logged at debug level (they come every second from every guest, or with every
+#: virtio-mem request).
+_QUIET: Final = frozenset(
+    {
+        "status_report",
+        "command_queued",
+        "command_started",
+        "command_done",
+        "virtio_mem_request",
+        "virtio_mem_response",
+        "size_change",
+    }
+)
+#: virtio-mem device events after which its snapshot is written to the state file.
+_DEVICE_CHANGES: Final = frozenset({"size_change", "resize", "restored", "system_reset"})
+#: The device's settings (and QEMU's property names) -> VmSpec fields.
+_DEVICE_FIELDS: Final = {
+    "block_size": "virtio_mem.block_size_bytes",
+    "region_size": "virtio_mem.region_size_bytes",
+    "requested_size": "virtio_mem.requested_bytes",
+    "addr": "virtio_mem.addr",
+    "node_id": "virtio_mem.node_id",
+}
 #: Events counted in :attr:`VmHandle.violation_events`.
 _VIOLATION_EVENTS: Final = frozenset({"violation", "protocol_error"})
 
@@ -217,6 +247,10 @@ class VmHandle:
     sent_txn: Transaction | None = None
     sent_at: float = 0.0
     log: structlog.stdlib.BoundLogger = field(default_factory=lambda: log)
+    #: The virtio-mem device of a virtio-mem VM (None: a Hyper-V DM VM).
+    device: VirtioMemDevice | None = None
+    #: Messages for the attached virtio-mem stream (None ends it); None while detached.
+    device_outbox: asyncio.Queue[virtio_mem_pb2.DeviceToGuest | None] | None = None
 
     @property
     def vm_id(self) -> str:
@@ -224,6 +258,11 @@ class VmHandle:
 
     @property
     def attached(self) -> bool:
+        """A guest is attached: on the DM channel, or on the virtio-mem channel."""
+        return self.outbox is not None or self.device_outbox is not None
+
+    @property
+    def dm_attached(self) -> bool:
         return self.outbox is not None
 
     def now(self) -> float:
@@ -233,6 +272,22 @@ class VmHandle:
     def send(self, msg: dm_pb2.HostToGuest) -> None:
         if self.outbox is not None:
             self.outbox.put_nowait(msg)
+
+    def send_device(self, msg: virtio_mem_pb2.DeviceToGuest) -> None:
+        if self.device_outbox is not None:
+            self.device_outbox.put_nowait(msg)
+
+
+def config_to_pb(config: vmem.VirtioMemConfig) -> virtio_mem_pb2.VirtioMemConfig:
+    return virtio_mem_pb2.VirtioMemConfig(
+        block_size=config.block_size,
+        node_id=config.node_id,
+        addr=config.addr,
+        region_size=config.region_size,
+        usable_region_size=config.usable_region_size,
+        plugged_size=config.plugged_size,
+        requested_size=config.requested_size,
+    )
 
 
 def _txn_region(session: DmHostSession) -> HotAddRegion | None:
@@ -271,6 +326,13 @@ class Hypervisor:
                 handle.session.restore(stored.snapshot)
                 handle.session.drain_events()
                 handle.touched = True
+            if handle.device is not None and stored.device is not None:
+                try:
+                    handle.device.restore(stored.device)
+                except ValueError as err:
+                    handle.log.error("device_snapshot_unusable", error=str(err))
+                handle.device.drain_events()
+                handle.touched = True
             handle.writer.save(handle.session, check_all=True)
             self.vms[stored.config.vm_id] = handle
             handle.log.info(
@@ -283,12 +345,22 @@ class Hypervisor:
     def _handle(self, config: VmConfig, policy: TargetPolicy) -> VmHandle:
         session = DmHostSession(config, post_init_delay=self.post_init_delay)
         session.drain_events()  # "attach" at creation is not news; attaching is
+        device = None
+        if config.virtio_mem is not None:
+            try:
+                device = VirtioMemDevice(config.virtio_mem.device_config(), vm_id=config.vm_id)
+            except HostCommandError as err:
+                raise ServiceError(
+                    "invalid_argument", _DEVICE_FIELDS.get(err.field, err.field), err.message
+                ) from None
+            device.drain_events()
         return VmHandle(
             config,
             session,
             policy,
             TruthWriter(self.store, config.vm_id),
             log=log.bind(vm=config.vm_id),
+            device=device,
         )
 
     def create_vm(self, config: VmConfig, policy: TargetPolicy | None = None) -> VmHandle:
@@ -299,6 +371,8 @@ class Hypervisor:
         handle = self._handle(config, policy)
         self.store.add_vm(config, policy.as_data())
         handle.writer.save(handle.session, check_all=True)
+        if handle.device is not None:
+            self.store.write_device(config.vm_id, handle.device.snapshot())
         self.vms[config.vm_id] = handle
         self._publish(
             handle,
@@ -342,6 +416,13 @@ class Hypervisor:
             d = self.defaults
             handle = self.create_vm(VmConfig(vm_id, d.boot_pages, d.max_pages, d.block_pages))
             created = True
+        if handle.config.is_virtio_mem:
+            raise ServiceError(
+                "failed_precondition",
+                "vm_id",
+                f"VM {vm_id!r} has protocol virtio-mem: it has no Hyper-V DM device "
+                "(its guest opens VirtioMem.Connect)",
+            )
         if handle.attached:
             raise ServiceError(
                 "already_exists", "vm_id", f"VM {vm_id!r} already has an attached guest"
@@ -440,6 +521,7 @@ class Hypervisor:
         Raises :class:`ServiceError` (unknown VM, no guest, too much queued) or the
         session's :class:`HostCommandError`; either way nothing changed.
         """
+        self._check_dm(self.get(vm_id))
         handle = self.attached(vm_id)
         queued = len(handle.session.queued)
         if queued >= self.max_queued:
@@ -453,8 +535,19 @@ class Hypervisor:
         self._finish(handle, out, before)
         return handle
 
+    def _check_dm(self, handle: VmHandle) -> None:
+        if handle.config.is_virtio_mem:
+            raise ServiceError(
+                "failed_precondition",
+                "vm_id",
+                f"VM {handle.vm_id!r} has protocol virtio-mem: Hyper-V DM commands do not "
+                "apply (resize its virtio-mem device)",
+            )
+
     def set_policy(self, vm_id: str, policy: TargetPolicy) -> VmHandle:
         handle = self.get(vm_id)
+        if isinstance(policy, DynamicPolicy):
+            self._check_dm(handle)
         handle.policy = policy
         self.store.set_policy(vm_id, policy.as_data())
         self._publish(handle, "policy", policy.as_data())
@@ -469,7 +562,7 @@ class Hypervisor:
 
     def tick_all(self) -> None:
         for handle in list(self.vms.values()):
-            if not handle.attached:
+            if not handle.dm_attached:
                 continue
             session = handle.session
             before = _txn_region(session)
@@ -482,7 +575,7 @@ class Hypervisor:
         waits = [
             deadline - h.now()
             for h in self.vms.values()
-            if h.attached and (deadline := h.session.next_deadline()) is not None
+            if h.dm_attached and (deadline := h.session.next_deadline()) is not None
         ]
         return max(min(waits), 0.0) if waits else None
 
@@ -492,7 +585,167 @@ class Hypervisor:
         for handle in self.vms.values():
             if handle.outbox is not None:
                 handle.outbox.put_nowait(None)
+            if handle.device_outbox is not None:
+                handle.device_outbox.put_nowait(None)
         self.events.close()
+
+    # -- the virtio-mem channel ------------------------------------------------
+
+    def attach_virtio(self, vm_id: str, guest_address: str = "") -> VmHandle:
+        """A guest opened its virtio-mem device's stream; its outbox starts with ``attached``."""
+        check_vm_id(vm_id)
+        handle = self.get(vm_id)
+        device = handle.device
+        if device is None:
+            raise ServiceError(
+                "failed_precondition",
+                "vm_id",
+                f"VM {vm_id!r} has no virtio-mem device (protocol {handle.config.protocol})",
+            )
+        if handle.attached:
+            raise ServiceError(
+                "already_exists", "vm_id", f"VM {vm_id!r} already has an attached guest"
+            )
+        reattached = handle.touched
+        handle.touched = True
+        handle.epoch += 1
+        handle.device_outbox = asyncio.Queue()
+        handle.guest_address = guest_address
+        cfg = handle.config
+        handle.send_device(
+            virtio_mem_pb2.DeviceToGuest(
+                attached=virtio_mem_pb2.VirtioMemAttached(
+                    layout=dm_pb2.VmLayout(
+                        vm_id=vm_id,
+                        boot_pages=cfg.boot_pages,
+                        max_pages=cfg.max_pages,
+                        block_pages=cfg.block_pages,
+                    ),
+                    config=config_to_pb(device.config),
+                )
+            )
+        )
+        self._publish(
+            handle,
+            "attach",
+            {
+                "boot_pages": cfg.boot_pages,
+                "max_pages": cfg.max_pages,
+                "block_pages": cfg.block_pages,
+                "created": False,
+                "reattach": reattached,
+                "guest_state": False,
+                "guest_address": guest_address,
+                "reconcile": {},
+            },
+        )
+        return handle
+
+    def detach_virtio(self, handle: VmHandle, epoch: int, reason: str) -> None:
+        """The virtio-mem stream ended; the device (and what is plugged) stays."""
+        if handle.epoch != epoch or handle.device_outbox is None:
+            return
+        handle.device_outbox = None
+        handle.guest_address = ""
+        self._publish(handle, "detach", {"reason": reason, "dm_state": ""})
+
+    def virtio_request(self, handle: VmHandle, req: virtio_mem_pb2.VirtioMemRequest) -> None:
+        """One request on the device's queue: answered at once, with the config after it."""
+        device = handle.device
+        assert device is not None
+        handle.frames_received += 1
+        request: vmem.VirtioMemRequest | None = None
+        if req.type not in tuple(vmem.VirtioMemReqType):
+            kind, message = (
+                "virtio-mem-unknown-request",
+                f"virtio_mem_req.type: unknown request type {req.type}",
+            )
+        else:
+            try:
+                request = vmem.VirtioMemRequest(
+                    vmem.VirtioMemReqType(req.type), req.addr, req.nb_blocks
+                )
+            except vmem.VirtioMemProtocolError as err:
+                kind, message = "virtio-mem-malformed", str(err)
+        if request is None:
+            # No struct virtio_mem_req can hold it: QEMU would mark the device broken;
+            # the emulator answers ERROR, records why, and carries on.
+            violation = ProtocolViolation(kind, message)
+            device.protocol_errors.append(violation)
+            response = vmem.VirtioMemResponse(vmem.ERROR)
+            self._answer(handle, response)
+            self.publish_device_events(
+                handle,
+                [HostEvent("protocol_error", {**violation.as_data(), "action": "answered"})],
+            )
+            return
+        response = device.request(request, handle.now())
+        self._answer(handle, response)
+        events = device.drain_events()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.publish_device_events(handle, events)
+        else:
+            # The answer goes out first; publishing and the state file follow.
+            loop.call_soon(self.publish_device_events, handle, events)
+
+    def _answer(self, handle: VmHandle, response: vmem.VirtioMemResponse) -> None:
+        assert handle.device is not None
+        handle.frames_sent += 1
+        handle.send_device(
+            virtio_mem_pb2.DeviceToGuest(
+                response=virtio_mem_pb2.VirtioMemResponse(
+                    type=int(response.type),
+                    state=int(response.state),
+                    config=config_to_pb(handle.device.config),
+                )
+            )
+        )
+
+    def virtio_access(self, handle: VmHandle, report: dm_pb2.AccessReport) -> None:
+        """The guest's access report: a touch of unplugged device memory is a violation."""
+        device = handle.device
+        assert device is not None
+        handle.frames_received += 1
+        ranges = [(r.start_page, r.start_page + r.page_cnt) for r in report.ranges]
+        device.check_access(ranges, report.what or "allocate")
+        self.publish_device_events(handle, device.drain_events())
+
+    def resize(self, vm_id: str, requested_bytes: int) -> VmHandle:
+        """QEMU's ``requested-size``: the config interrupt goes to the attached guest.
+
+        Raises ServiceError (unknown VM, a Hyper-V DM VM) or the device's
+        HostCommandError (field ``requested_size``); either way nothing changed.
+        """
+        handle = self.get(vm_id)
+        device = handle.device
+        if device is None:
+            raise ServiceError(
+                "failed_precondition",
+                "vm_id",
+                f"VM {vm_id!r} has no virtio-mem device (protocol {handle.config.protocol})",
+            )
+        change = device.resize(requested_bytes, handle.now())
+        if handle.device_outbox is not None:
+            handle.frames_sent += 1
+        handle.send_device(
+            virtio_mem_pb2.DeviceToGuest(
+                config_changed=virtio_mem_pb2.VirtioMemConfigChanged(
+                    config=config_to_pb(change.config)
+                )
+            )
+        )
+        self.publish_device_events(handle, device.drain_events())
+        return handle
+
+    def publish_device_events(self, handle: VmHandle, events: list[HostEvent]) -> None:
+        for event in events:
+            if event.kind == "protocol_error":
+                event.data.setdefault("action", "answered")
+        self._publish_all(handle, events)
+        if handle.device is not None and any(e.kind in _DEVICE_CHANGES for e in events):
+            self.store.write_device(handle.vm_id, handle.device.snapshot())
 
     # -- after every step --------------------------------------------------------
 

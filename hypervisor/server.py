@@ -1,11 +1,11 @@
 """The ``memhp hypervisor`` process: a grpc.aio server around :class:`Hypervisor`.
 
-Serves the DM channel, ``Control``, gRPC health (SERVING for "" and each service) and
-reflection (so grpcurl works), ticks the host sessions, publishes events and each VM's
-state to MQTT with ``--mqtt`` (:mod:`hypervisor.mqtt_events`), and shuts down
-gracefully on SIGTERM or SIGINT: health goes NOT_SERVING, guest streams and watchers
-end, the server stops with a grace period, the last states go to the broker, the state
-file is closed.
+Serves the DM channel, the virtio-mem channel, ``Control``, gRPC health (SERVING for ""
+and each service) and reflection (so grpcurl works), ticks the host sessions, publishes
+events and each VM's state to MQTT with ``--mqtt`` (:mod:`hypervisor.mqtt_events`), and
+shuts down gracefully on SIGTERM or SIGINT: health goes NOT_SERVING, guest streams and
+watchers end, the server stops with a grace period, the last states go to the broker, the
+state file is closed.
 """
 
 from __future__ import annotations
@@ -29,10 +29,18 @@ from hypervisor.control import ControlServicer
 from hypervisor.mqtt_events import HostMqtt
 from hypervisor.runtime import Defaults, Hypervisor, ServiceError
 from hypervisor.store import StateStore
+from hypervisor.virtio_mem_channel import VirtioMemServicer
 from hypervisor.vm import VmConfig
 from memhp.logs import get_logger
 from memhp.mqtt import DEFAULT_QUEUE, BrokerUrl, MqttPublisher
-from memhp.v1 import control_pb2, control_pb2_grpc, dm_pb2, dm_pb2_grpc
+from memhp.v1 import (
+    control_pb2,
+    control_pb2_grpc,
+    dm_pb2,
+    dm_pb2_grpc,
+    virtio_mem_pb2,
+    virtio_mem_pb2_grpc,
+)
 
 log = get_logger("hypervisor.server")
 
@@ -42,6 +50,7 @@ _HEALTH_AIO: Any = health.aio  # type: ignore[attr-defined]
 SERVICE_NAMES = (
     dm_pb2.DESCRIPTOR.services_by_name["DynamicMemory"].full_name,
     control_pb2.DESCRIPTOR.services_by_name["Control"].full_name,
+    virtio_mem_pb2.DESCRIPTOR.services_by_name["VirtioMem"].full_name,
 )
 
 
@@ -141,6 +150,7 @@ async def serve(opts: Options) -> int:
     server = grpc.aio.server()
     dm_pb2_grpc.add_DynamicMemoryServicer_to_server(DynamicMemoryServicer(hv), server)
     control_pb2_grpc.add_ControlServicer_to_server(ControlServicer(hv), server)
+    virtio_mem_pb2_grpc.add_VirtioMemServicer_to_server(VirtioMemServicer(hv), server)
     health_servicer = _HEALTH_AIO.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -5,7 +5,9 @@ reattach to the same state (``--state FILE``; an in-memory database when absent)
 A VM's truth is one row for the VM-wide part (target, hot-add disabled, ballooned
 ranges) plus one row per hot-add region, so a change rewrites only what changed: a
 guest grown to 1 TiB in 128 MiB steps has 8192 regions, and each transaction touches
-one or two.
+one or two. A virtio-mem VM has one more row: its device settings and the device's
+snapshot (requested, usable and plugged sizes, the plugged ranges), rewritten whenever
+they change.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 
 from hypervisor.dm_host import DmHostSession
 from hypervisor.ground_truth import HotAddRegion
-from hypervisor.vm import VmConfig
+from hypervisor.vm import VIRTIO_MEM, VirtioMemSettings, VmConfig
 
 SCHEMA_VERSION = 1
 
@@ -44,6 +46,11 @@ CREATE TABLE IF NOT EXISTS regions (
     data TEXT NOT NULL,
     PRIMARY KEY (vm_id, start_page)
 );
+CREATE TABLE IF NOT EXISTS virtio_mem (
+    vm_id TEXT PRIMARY KEY REFERENCES vms(vm_id),
+    settings TEXT NOT NULL,
+    snapshot TEXT
+);
 """
 
 
@@ -56,6 +63,8 @@ class StoredVm:
     config: VmConfig
     policy: dict[str, Any]
     snapshot: dict[str, Any] | None
+    #: The virtio-mem device's snapshot (None: never saved, or no device).
+    device: dict[str, Any] | None = None
 
 
 class StateStore:
@@ -93,9 +102,18 @@ class StateStore:
             "SELECT vm_id, boot_pages, max_pages, block_pages, policy FROM vms ORDER BY seq"
         ).fetchall()
         for vm_id, boot, max_pages, block, policy in rows:
+            vmem = self._db.execute(
+                "SELECT settings, snapshot FROM virtio_mem WHERE vm_id=?", (vm_id,)
+            ).fetchone()
+            device: dict[str, Any] | None = None
             try:
-                config = VmConfig(vm_id, boot, max_pages, block)
-            except ValueError as err:
+                if vmem is None:
+                    config = VmConfig(vm_id, boot, max_pages, block)
+                else:
+                    settings = VirtioMemSettings.from_data(json.loads(vmem[0]))
+                    config = VmConfig(vm_id, boot, max_pages, block, VIRTIO_MEM, settings)
+                    device = None if vmem[1] is None else json.loads(vmem[1])
+            except (ValueError, KeyError, TypeError) as err:
                 raise StateFileError(f"{self.path}: VM {vm_id!r}: {err}") from None
             state = self._db.execute(
                 "SELECT target_pages, hot_add_disabled, ballooned FROM vm_state WHERE vm_id=?",
@@ -115,7 +133,7 @@ class StateStore:
                     "ballooned": json.loads(state[2]),
                     "regions": regions,
                 }
-            out.append(StoredVm(config, json.loads(policy), snapshot))
+            out.append(StoredVm(config, json.loads(policy), snapshot, device))
         return out
 
     # -- writing ---------------------------------------------------------------
@@ -133,6 +151,18 @@ class StateStore:
                     json.dumps(policy),
                     seq,
                 ),
+            )
+            if config.virtio_mem is not None:
+                self._db.execute(
+                    "INSERT INTO virtio_mem VALUES (?, ?, NULL)",
+                    (config.vm_id, json.dumps(config.virtio_mem.as_data())),
+                )
+
+    def write_device(self, vm_id: str, snapshot: dict[str, Any]) -> None:
+        """The virtio-mem device's snapshot (:meth:`VirtioMemDevice.snapshot`)."""
+        with self._db:
+            self._db.execute(
+                "UPDATE virtio_mem SET snapshot=? WHERE vm_id=?", (json.dumps(snapshot), vm_id)
             )
 
     def set_policy(self, vm_id: str, policy: dict[str, Any]) -> None:

@@ -9,6 +9,7 @@
     back VM SIZE [--start-page N]         back more of the newest (or the given) region
     back VM --remaining                   back every page of every region not backed yet
     balloon VM SIZE / unballoon VM SIZE
+    resize VM SIZE                        virtio-mem: set requested_size (QEMU's requested-size)
     policy VM manual|dynamic [--buffer PCT --minimum SIZE --maximum SIZE]
     watch [--vm ID]... [--kind K]... [--count N]   stream events (JSON lines with --json)
     blocks VM --guest ADDR                an lsmem-like table of the guest's memory blocks
@@ -155,6 +156,18 @@ def _policy_text(policy: control_pb2.Policy) -> str:
 
 
 def _vm_row(vm: control_pb2.Vm) -> list[str]:
+    if vm.HasField("virtio_mem"):
+        v = vm.virtio_mem
+        return [
+            vm.spec.vm_id,
+            "yes" if vm.attached else "no",
+            "virtio-mem",
+            format_size(vm.spec.boot_bytes + v.plugged_bytes),
+            format_size(v.requested_bytes),
+            format_size(vm.spec.boot_bytes + v.region_size_bytes),
+            "-",
+            "manual",
+        ]
     return [
         vm.spec.vm_id,
         "yes" if vm.attached else "no",
@@ -172,7 +185,28 @@ def vms_text(vms: Iterable[control_pb2.Vm]) -> str:
     return _table(headers, [_vm_row(vm) for vm in vms])
 
 
+def virtio_mem_text(vm: control_pb2.Vm) -> str:
+    """``memhp ctl show`` of a virtio-mem VM: the device, as QEMU's info memory-devices."""
+    s, v = vm.spec, vm.virtio_mem
+    answered = ", ".join(f"{k} {n}" for k, n in sorted(v.answered.items())) or "-"
+    lines = [
+        f"VM {s.vm_id}: {'attached' if vm.attached else 'detached'}, protocol virtio-mem",
+        f"  boot {format_size(s.boot_bytes)}, block {format_size(s.block_size_bytes)}",
+        f"  virtio-mem: requested {format_size(v.requested_bytes)}, "
+        f"plugged {format_size(v.plugged_bytes)}, block {format_size(v.block_size_bytes)}, "
+        f"region {format_size(v.region_size_bytes)} at {v.addr:#x} "
+        f"(usable {format_size(v.usable_region_size_bytes)}), node {v.node_id}",
+        f"  answered: {answered}; protocol errors {v.protocol_errors}, violations {v.violations}",
+    ]
+    for r in v.plugged:
+        start, end = r.start_page << PAGE_SHIFT, (r.start_page + r.page_cnt) << PAGE_SHIFT
+        lines.append(f"    plugged [{start:#x}, {end:#x}) {format_size(end - start)}")
+    return "\n".join(lines) + "\n"
+
+
 def vm_text(vm: control_pb2.Vm) -> str:
+    if vm.HasField("virtio_mem"):
+        return virtio_mem_text(vm)
     s = vm.spec
     lines = [
         f"VM {s.vm_id}: {'attached' if vm.attached else 'detached'}, DM state {vm.dm_state}, "
@@ -285,6 +319,11 @@ def cmd_balloon(ctl: Ctl, args: argparse.Namespace) -> int:
 def cmd_unballoon(ctl: Ctl, args: argparse.Namespace) -> int:
     req = control_pb2.UnballoonCommand(vm_id=args.vm, size_bytes=args.size)
     return _command(lambda: ctl.control.Unballoon(req, timeout=ctl.timeout), args)
+
+
+def cmd_resize(ctl: Ctl, args: argparse.Namespace) -> int:
+    req = control_pb2.ResizeRequest(vm_id=args.vm, requested_bytes=args.size)
+    return _command(lambda: ctl.control.Resize(req, timeout=ctl.timeout), args)
 
 
 def cmd_policy(ctl: Ctl, args: argparse.Namespace) -> int:
@@ -501,6 +540,8 @@ def add_subparser(subparsers: Any) -> None:
     p = cmd("balloon", cmd_balloon, "ask the guest to balloon SIZE")
     p.add_argument("size", type=_size, metavar="SIZE")
     p = cmd("unballoon", cmd_unballoon, "give SIZE of ballooned memory back")
+    p.add_argument("size", type=_size, metavar="SIZE")
+    p = cmd("resize", cmd_resize, "virtio-mem: set the device's requested size")
     p.add_argument("size", type=_size, metavar="SIZE")
     p = cmd("policy", cmd_policy, "set the VM's target policy")
     p.add_argument("policy", choices=("manual", "dynamic"))

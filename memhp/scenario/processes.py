@@ -11,15 +11,17 @@ setup), each step's ``time`` and the violation traces differ
   guest agent with the VM entry's options (a ``pressure_report_delay`` of N skipped
   reports becomes N seconds at one status report a second).
 * Host steps go through ``Control`` (``HotAdd``, ``Back``, ``SetTarget``, ``Balloon``,
-  ``Unballoon``), sysfs writes through ``GuestIntrospection.SetBlockState``, the
-  guest's own work (allocate, free, inject, dump) through the guest agent's RPCs, and
-  ``advance`` sleeps.
+  ``Unballoon``; ``Resize`` for a virtio-mem VM, which is made with its device settings
+  and whose guest runs ``--protocol virtio-mem``), sysfs writes through
+  ``GuestIntrospection.SetBlockState``, the guest's own work (allocate, free, inject,
+  dump) through the guest agent's RPCs, and ``advance`` sleeps.
 * After every step the system *settles*: the host has nothing in flight or queued,
   the guest's driver is idle with nothing unsent, and every DM frame either side sent
   has arrived (frame counters of ``Vm`` and ``GuestMemory`` agree).
 * Then every invariant is checked as in process: the guest runs
   :func:`guest.invariants.check_guest` against the host's ground truth from
-  ``GetVm`` (``backed``, and the regions' backed pages as offered), and the host's
+  ``GetVm`` (``backed``, and the regions' backed pages as offered; for a virtio-mem VM
+  the device's plugged ranges and the virtio-mem invariants), and the host's
   own findings (``violation`` and ``protocol_error`` events) come from a
   ``WatchEvents`` stream opened before the guests start. Findings are deduplicated
   with the same keys and marked expected from ``expect_violations``.
@@ -62,6 +64,7 @@ from memhp.scenario.result import (
     record_violations,
     scenario_result,
     sysfs_outcome,
+    virtio_mem_view_pb,
     vm_view,
 )
 from memhp.scenario.runner import POST_INIT_DELAY, TRACE_LENGTH
@@ -92,6 +95,7 @@ PROTO_FIELDS: dict[str, dict[str, str]] = {
     "set_target": {"requested_bytes": "size"},
     "balloon": {"size_bytes": "size"},
     "unballoon": {"size_bytes": "size"},
+    "resize": {"requested_bytes": "size"},
 }
 
 _GUEST_TRACE = re.compile(r"^t=(?P<t>-?[0-9.]+) (?P<rest>.*)$", re.DOTALL)
@@ -117,12 +121,12 @@ class StepProgress:
 def check_supported(scenario: Scenario) -> None:
     """Raise :class:`ScenarioError` for a VM option the guest agent cannot take."""
     for vm in scenario.vms:
-        if vm.protocol != "hyperv-dm":
+        if vm.protocol not in ("hyperv-dm", "virtio-mem"):
             raise ScenarioError(
                 scenario.path,
                 vm.line,
-                f"vm {vm.id}: protocol {vm.protocol} is not supported with --processes yet "
-                "(the hypervisor has no virtio-mem channel)",
+                f"vm {vm.id}: protocol {vm.protocol} is not supported with --processes "
+                "(a hypervisor VM has one memory device; memhp guest exits 1 with both drivers)",
             )
         if vm.onlining_jitter:
             raise ScenarioError(
@@ -169,9 +173,41 @@ def guest_argv(
     ]
     if spec.udev_online is not None:
         args += ["--udev-online", spec.udev_online]
+    if spec.protocol != "hyperv-dm":
+        args += ["--protocol", spec.protocol]
+    vmem = spec.virtio_mem
+    if vmem is not None:
+        args += [
+            "--force-bbm" if vmem.force_bbm else "--no-force-bbm",
+            "--unplug-online" if vmem.unplug_online else "--no-unplug-online",
+            "--bbm-safe-unplug" if vmem.bbm_safe_unplug else "--no-bbm-safe-unplug",
+        ]
     if sysfs is not None:
         args += ["--sysfs-dir", str(sysfs)]
     return memhp_command(*args)
+
+
+def vm_spec_pb(spec: VmSpec) -> control_pb2.VmSpec:
+    """``Control.CreateVm``'s VmSpec for a scenario VM entry (with its virtio-mem device)."""
+    pb = control_pb2.VmSpec(
+        vm_id=spec.id,
+        boot_bytes=spec.boot_memory,
+        max_bytes=spec.max_memory,
+        block_size_bytes=spec.block_size,
+        protocol=spec.protocol,
+    )
+    vmem = spec.virtio_mem
+    if vmem is not None:
+        pb.virtio_mem.CopyFrom(
+            control_pb2.VirtioMemSpec(
+                region_size_bytes=vmem.region_size,
+                block_size_bytes=vmem.block_size,
+                requested_bytes=vmem.requested,
+                addr=vmem.addr,
+                node_id=vmem.node,
+            )
+        )
+    return pb
 
 
 def _plain(value: Any) -> Any:
@@ -297,15 +333,7 @@ class ProcessRunner:
         for spec in self.scenario.vms:
             await self._rpc(
                 self.control.CreateVm(
-                    control_pb2.CreateVmRequest(
-                        spec=control_pb2.VmSpec(
-                            vm_id=spec.id,
-                            boot_bytes=spec.boot_memory,
-                            max_bytes=spec.max_memory,
-                            block_size_bytes=spec.block_size,
-                        )
-                    ),
-                    timeout=RPC_TIMEOUT,
+                    control_pb2.CreateVmRequest(spec=vm_spec_pb(spec)), timeout=RPC_TIMEOUT
                 ),
             )
         results = await asyncio.gather(
@@ -433,7 +461,12 @@ class ProcessRunner:
         self, node: ProcNode, vm: control_pb2.Vm | None = None
     ) -> guest_pb2.GuestMemory:
         request = guest_pb2.GetMemoryRequest()
-        if vm is not None:
+        if vm is not None and vm.HasField("virtio_mem"):
+            # A virtio-mem guest checks against what the device has plugged.
+            request = guest_pb2.GetMemoryRequest(
+                host_truth=True, host_backed=pfn_ranges(_ranges(vm.virtio_mem.plugged))
+            )
+        elif vm is not None:
             offered = RangeSet()
             for region in vm.regions:
                 for s, e in _ranges(region.backed):
@@ -628,6 +661,10 @@ class ProcessRunner:
         request = control_pb2.BalloonCommand(vm_id=node.spec.id, size_bytes=a["size"])
         await self._command("balloon", self.control.Balloon(request, timeout=RPC_TIMEOUT))
 
+    async def _step_resize(self, node: ProcNode, a: dict[str, Any]) -> Any:
+        request = control_pb2.ResizeRequest(vm_id=node.spec.id, requested_bytes=a["size"])
+        await self._command("resize", self.control.Resize(request, timeout=RPC_TIMEOUT))
+
     async def _step_unballoon(self, node: ProcNode, a: dict[str, Any]) -> Any:
         request = control_pb2.UnballoonCommand(vm_id=node.spec.id, size_bytes=a["size"])
         await self._command("unballoon", self.control.Unballoon(request, timeout=RPC_TIMEOUT))
@@ -697,10 +734,18 @@ class ProcessRunner:
 
     async def _step_dump(self, node: ProcNode, a: dict[str, Any]) -> Any:
         vm = await self._get_vm(node)
+        backed = _ranges(vm.backed)
+        if vm.HasField("virtio_mem"):
+            # Boot memory plus what the device has plugged (the runner's Node.backed).
+            truth = RangeSet()
+            truth.add(0, vm.spec.boot_bytes >> PAGE_SHIFT)
+            for s, e in _ranges(vm.virtio_mem.plugged):
+                truth.add(s, e)
+            backed = list(truth.ranges())
         request = guest_pb2.DumpRequest(
             skip_free=bool(a.get("skip_free")),
             host_truth=True,
-            host_backed=pfn_ranges(_ranges(vm.backed)),
+            host_backed=pfn_ranges(backed),
         )
         reply = await self._rpc(node.control.Dump(request, timeout=RPC_TIMEOUT))
         unbacked = [(r.start_pfn, r.end_pfn) for r in reply.unbacked_read]
@@ -728,11 +773,14 @@ class ProcessRunner:
     async def vm_view(self, node: ProcNode, *, full: bool = False) -> dict[str, Any]:
         vm = await self._get_vm(node)
         memory = await self._memory(node)
+        virtio = vm.HasField("virtio_mem")
         return vm_view(
             guest_view_pb(memory),
             strategy=memory.strategy,
             driver_mode=memory.driver_mode,
-            host=host_view(
+            host=None
+            if virtio
+            else host_view(
                 (vm.requested_bytes >> PAGE_SHIFT) if vm.requested_set else None,
                 vm.actual_bytes >> PAGE_SHIFT,
                 sum(r.page_cnt for r in vm.backed),
@@ -740,6 +788,12 @@ class ProcessRunner:
             ),
             violations=node.violations,
             full=full,
+            protocol=node.spec.protocol,
+            virtio_mem=virtio_mem_view_pb(
+                vm.virtio_mem, memory.virtio_mem if memory.HasField("virtio_mem") else None
+            )
+            if virtio
+            else None,
         )
 
     async def result(self) -> dict[str, Any]:
@@ -812,4 +866,5 @@ __all__ = [
     "check_supported",
     "guest_argv",
     "run_processes",
+    "vm_spec_pb",
 ]

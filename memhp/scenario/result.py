@@ -23,7 +23,7 @@ from guest.drivers.virtio_mem import VirtioMem
 from guest.mm.pages import ALLOCATED, BUDDY, OWNER_BALLOON, PAGE_OFFLINE, RESERVED
 from guest.vm import GuestVm
 from memhp.units import PAGE_SHIFT, SizeError, parse_size
-from memhp.v1 import guest_pb2
+from memhp.v1 import control_pb2, guest_pb2
 from memhp.virtio_mem import VirtioMemConfig
 
 #: ``/proc/meminfo`` fields in the order the guest model lists them.
@@ -230,12 +230,65 @@ def _zone(zone: str) -> str | None:
     return zone or None
 
 
+def virtio_mem_view_pb(
+    device: control_pb2.VirtioMemInfo, driver: guest_pb2.GuestVirtioMem | None
+) -> dict[str, Any]:
+    """:func:`virtio_mem_view` from ``Vm.virtio_mem`` and ``GuestMemory.virtio_mem``."""
+    view: dict[str, Any] = {
+        "requested": device.requested_bytes >> PAGE_SHIFT,
+        "plugged": device.plugged_bytes >> PAGE_SHIFT,
+        "usable_region": device.usable_region_size_bytes >> PAGE_SHIFT,
+        "region": device.region_size_bytes >> PAGE_SHIFT,
+        "block_size": device.block_size_bytes >> PAGE_SHIFT,
+        "start_pfn": device.addr >> PAGE_SHIFT,
+        "answered": dict(sorted(device.answered.items())),
+    }
+    if driver is not None:
+        view["driver"] = {
+            "mode": driver.mode,
+            "probed": driver.probed,
+            "broken": driver.broken,
+            "requested": driver.requested_size >> PAGE_SHIFT,
+            "plugged": driver.plugged_size >> PAGE_SHIFT,
+            "unit": driver.unit_size >> PAGE_SHIFT,
+            "offline": driver.offline_size >> PAGE_SHIFT,
+            "offline_threshold": driver.offline_threshold >> PAGE_SHIFT,
+            "retry_timer_armed": driver.retry_timer_armed,
+            "retry_timer_ms": driver.retry_timer_ms,
+            "blocks": {
+                str(b.id): {"state": b.state, "plugged": b.plugged_pages} for b in driver.blocks
+            },
+        }
+    return view
+
+
 def guest_view_pb(memory: guest_pb2.GuestMemory) -> dict[str, Any]:
     """:func:`guest_view` from the guest agent's ``GetMemory`` answer (the same document)."""
     meminfo = dict(memory.meminfo)
     ordered = {k: meminfo.pop(k) for k in MEMINFO_ORDER if k in meminfo}
     ordered.update(sorted(meminfo.items()))
     c, p = memory.counters, memory.pages
+    if memory.HasField("virtio_mem") and not memory.dm_state:
+        # No hv_balloon: no counters, no regions (as guest_view).
+        return {
+            "blocks": [
+                {
+                    "index": b.index,
+                    "state": b.state,
+                    "zone": _zone(b.zone),
+                    "valid_zones": list(b.valid_zones),
+                }
+                for b in sorted(memory.blocks, key=lambda b: b.index)
+            ],
+            "meminfo": ordered,
+            "pages": {
+                "buddy": p.buddy,
+                "allocated": p.allocated,
+                "page_offline": p.page_offline,
+                "ballooned": p.ballooned,
+                "reserved": p.reserved,
+            },
+        }
     return {
         "blocks": [
             {

@@ -34,6 +34,8 @@ class VmSpec(_message.Message):
     BOOT_BYTES_FIELD_NUMBER: _builtins.int
     MAX_BYTES_FIELD_NUMBER: _builtins.int
     BLOCK_SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    PROTOCOL_FIELD_NUMBER: _builtins.int
+    VIRTIO_MEM_FIELD_NUMBER: _builtins.int
     vm_id: _builtins.str
     boot_bytes: _builtins.int
     """Boot memory, online at start from address 0; a multiple of block_size_bytes."""
@@ -41,6 +43,14 @@ class VmSpec(_message.Message):
     """The most the VM may ever have (boot + hot-added); a multiple of block_size_bytes."""
     block_size_bytes: _builtins.int
     """Memory block size: a power of two from 128 MiB to 2 GiB."""
+    protocol: _builtins.str
+    """The VM's memory device: "hyperv-dm" (empty: the default) or "virtio-mem". For
+    virtio-mem, max_bytes may be 0 (it then equals boot_bytes).
+    """
+    @_builtins.property
+    def virtio_mem(self) -> Global___VirtioMemSpec:
+        """The virtio-mem device (only with protocol "virtio-mem", then required)."""
+
     def __init__(
         self,
         *,
@@ -48,14 +58,140 @@ class VmSpec(_message.Message):
         boot_bytes: _builtins.int = ...,
         max_bytes: _builtins.int = ...,
         block_size_bytes: _builtins.int = ...,
+        protocol: _builtins.str = ...,
+        virtio_mem: Global___VirtioMemSpec | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["virtio_mem", b"virtio_mem"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size_bytes", b"block_size_bytes", "boot_bytes", b"boot_bytes", "max_bytes", b"max_bytes", "vm_id", b"vm_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size_bytes", b"block_size_bytes", "boot_bytes", b"boot_bytes", "max_bytes", b"max_bytes", "protocol", b"protocol", "virtio_mem", b"virtio_mem", "vm_id", b"vm_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___VmSpec: _TypeAlias = VmSpec  # noqa: Y015
+
+@_typing.final
+class VirtioMemSpec(_message.Message):
+    """A virtio-mem device's settings (QEMU's virtio-mem-pci properties), in bytes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REGION_SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    BLOCK_SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    REQUESTED_BYTES_FIELD_NUMBER: _builtins.int
+    ADDR_FIELD_NUMBER: _builtins.int
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    region_size_bytes: _builtins.int
+    """The device region (QEMU: the memory backend's size); a multiple of block_size_bytes."""
+    block_size_bytes: _builtins.int
+    """The device block: a power of two, at least 1 MiB (0: 2 MiB)."""
+    requested_bytes: _builtins.int
+    """requested_size at start (0: nothing plugged); at most region_size_bytes."""
+    addr: _builtins.int
+    """Where the region starts (guest physical). Absent: the first address above max_bytes
+    aligned to max(1 GiB, the memory block, the device block), as in scenario files.
+    """
+    node_id: _builtins.int
+    def __init__(
+        self,
+        *,
+        region_size_bytes: _builtins.int = ...,
+        block_size_bytes: _builtins.int = ...,
+        requested_bytes: _builtins.int = ...,
+        addr: _builtins.int | None = ...,
+        node_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_addr", b"_addr", "addr", b"addr"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_addr", b"_addr", "addr", b"addr", "block_size_bytes", b"block_size_bytes", "node_id", b"node_id", "region_size_bytes", b"region_size_bytes", "requested_bytes", b"requested_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__addr: _TypeAlias = _typing.Literal["addr"]  # noqa: Y015
+    _WhichOneofArgType__addr: _TypeAlias = _typing.Literal["_addr", b"_addr"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__addr) -> _WhichOneofReturnType__addr | None: ...
+
+Global___VirtioMemSpec: _TypeAlias = VirtioMemSpec  # noqa: Y015
+
+@_typing.final
+class VirtioMemInfo(_message.Message):
+    """A virtio-mem device's state, as QEMU's query-memory-devices shows it (bytes)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class AnsweredEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    REQUESTED_BYTES_FIELD_NUMBER: _builtins.int
+    PLUGGED_BYTES_FIELD_NUMBER: _builtins.int
+    BLOCK_SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    REGION_SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    USABLE_REGION_SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    ADDR_FIELD_NUMBER: _builtins.int
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    ANSWERED_FIELD_NUMBER: _builtins.int
+    PROTOCOL_ERRORS_FIELD_NUMBER: _builtins.int
+    VIOLATIONS_FIELD_NUMBER: _builtins.int
+    PLUGGED_FIELD_NUMBER: _builtins.int
+    requested_bytes: _builtins.int
+    """requested_size (QEMU's requested-size)."""
+    plugged_bytes: _builtins.int
+    """plugged_size (QEMU's size)."""
+    block_size_bytes: _builtins.int
+    region_size_bytes: _builtins.int
+    usable_region_size_bytes: _builtins.int
+    addr: _builtins.int
+    """Start of the device region (guest physical)."""
+    node_id: _builtins.int
+    protocol_errors: _builtins.int
+    """ERROR and NACK answers (the guest asked for something invalid) and accesses to
+    unplugged memory, since the hypervisor started.
+    """
+    violations: _builtins.int
+    @_builtins.property
+    def answered(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Requests answered since the hypervisor started, by "request:response" ("plug:ack")."""
+
+    @_builtins.property
+    def plugged(self) -> _containers.RepeatedCompositeFieldContainer[_dm_pb2.PageRange]:
+        """The plugged ranges, as 4 KiB pages (GetVm only)."""
+
+    def __init__(
+        self,
+        *,
+        requested_bytes: _builtins.int = ...,
+        plugged_bytes: _builtins.int = ...,
+        block_size_bytes: _builtins.int = ...,
+        region_size_bytes: _builtins.int = ...,
+        usable_region_size_bytes: _builtins.int = ...,
+        addr: _builtins.int = ...,
+        node_id: _builtins.int = ...,
+        answered: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        protocol_errors: _builtins.int = ...,
+        violations: _builtins.int = ...,
+        plugged: _abc.Iterable[_dm_pb2.PageRange] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["addr", b"addr", "answered", b"answered", "block_size_bytes", b"block_size_bytes", "node_id", b"node_id", "plugged", b"plugged", "plugged_bytes", b"plugged_bytes", "protocol_errors", b"protocol_errors", "region_size_bytes", b"region_size_bytes", "requested_bytes", b"requested_bytes", "usable_region_size_bytes", b"usable_region_size_bytes", "violations", b"violations"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VirtioMemInfo: _TypeAlias = VirtioMemInfo  # noqa: Y015
 
 @_typing.final
 class Region(_message.Message):
@@ -224,6 +360,7 @@ class Vm(_message.Message):
     VIOLATION_EVENTS_FIELD_NUMBER: _builtins.int
     GUEST_ADDRESS_FIELD_NUMBER: _builtins.int
     TRANSACTIONS_FIELD_NUMBER: _builtins.int
+    VIRTIO_MEM_FIELD_NUMBER: _builtins.int
     attached: _builtins.bool
     """A guest agent is attached on a DM channel."""
     dm_state: _builtins.str
@@ -278,6 +415,12 @@ class Vm(_message.Message):
     def transactions(self) -> Global___TransactionStats:
         """Round trips of the host-initiated DM transactions of this VM."""
 
+    @_builtins.property
+    def virtio_mem(self) -> Global___VirtioMemInfo:
+        """The virtio-mem device (protocol "virtio-mem"); absent for a Hyper-V DM VM. With it,
+        the DM fields above stay empty and attached means the virtio-mem stream.
+        """
+
     def __init__(
         self,
         *,
@@ -304,14 +447,20 @@ class Vm(_message.Message):
         violation_events: _builtins.int = ...,
         guest_address: _builtins.str = ...,
         transactions: Global___TransactionStats | None = ...,
+        virtio_mem: Global___VirtioMemInfo | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_in_flight", b"_in_flight", "in_flight", b"in_flight", "policy", b"policy", "spec", b"spec", "transactions", b"transactions"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_in_flight", b"_in_flight", "_virtio_mem", b"_virtio_mem", "in_flight", b"in_flight", "policy", b"policy", "spec", b"spec", "transactions", b"transactions", "virtio_mem", b"virtio_mem"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_in_flight", b"_in_flight", "actual_bytes", b"actual_bytes", "attached", b"attached", "available_bytes", b"available_bytes", "backed", b"backed", "ballooned", b"ballooned", "ballooned_bytes", b"ballooned_bytes", "busy", b"busy", "committed_bytes", b"committed_bytes", "dm_state", b"dm_state", "frames_received", b"frames_received", "frames_sent", b"frames_sent", "guest_address", b"guest_address", "hot_add_disabled", b"hot_add_disabled", "in_flight", b"in_flight", "policy", b"policy", "protocol_version", b"protocol_version", "queued_commands", b"queued_commands", "regions", b"regions", "requested_bytes", b"requested_bytes", "requested_set", b"requested_set", "spec", b"spec", "transactions", b"transactions", "violation_events", b"violation_events"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_in_flight", b"_in_flight", "_virtio_mem", b"_virtio_mem", "actual_bytes", b"actual_bytes", "attached", b"attached", "available_bytes", b"available_bytes", "backed", b"backed", "ballooned", b"ballooned", "ballooned_bytes", b"ballooned_bytes", "busy", b"busy", "committed_bytes", b"committed_bytes", "dm_state", b"dm_state", "frames_received", b"frames_received", "frames_sent", b"frames_sent", "guest_address", b"guest_address", "hot_add_disabled", b"hot_add_disabled", "in_flight", b"in_flight", "policy", b"policy", "protocol_version", b"protocol_version", "queued_commands", b"queued_commands", "regions", b"regions", "requested_bytes", b"requested_bytes", "requested_set", b"requested_set", "spec", b"spec", "transactions", b"transactions", "violation_events", b"violation_events", "virtio_mem", b"virtio_mem"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__in_flight: _TypeAlias = _typing.Literal["in_flight"]  # noqa: Y015
     _WhichOneofArgType__in_flight: _TypeAlias = _typing.Literal["_in_flight", b"_in_flight"]  # noqa: Y015
+    _WhichOneofReturnType__virtio_mem: _TypeAlias = _typing.Literal["virtio_mem"]  # noqa: Y015
+    _WhichOneofArgType__virtio_mem: _TypeAlias = _typing.Literal["_virtio_mem", b"_virtio_mem"]  # noqa: Y015
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__in_flight) -> _WhichOneofReturnType__in_flight | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__virtio_mem) -> _WhichOneofReturnType__virtio_mem | None: ...
 
 Global___Vm: _TypeAlias = Vm  # noqa: Y015
 
@@ -528,6 +677,33 @@ class BackCommand(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__start_page) -> _WhichOneofReturnType__start_page | None: ...
 
 Global___BackCommand: _TypeAlias = BackCommand  # noqa: Y015
+
+@_typing.final
+class ResizeRequest(_message.Message):
+    """QEMU's qom-set of requested-size: the config-change interrupt goes to the guest, whose
+    driver plugs or unplugs toward it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VM_ID_FIELD_NUMBER: _builtins.int
+    REQUESTED_BYTES_FIELD_NUMBER: _builtins.int
+    vm_id: _builtins.str
+    requested_bytes: _builtins.int
+    """The new requested_size: a multiple of the device's block size, at most its region."""
+    def __init__(
+        self,
+        *,
+        vm_id: _builtins.str = ...,
+        requested_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["requested_bytes", b"requested_bytes", "vm_id", b"vm_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResizeRequest: _TypeAlias = ResizeRequest  # noqa: Y015
 
 @_typing.final
 class BalloonCommand(_message.Message):

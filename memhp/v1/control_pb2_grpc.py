@@ -82,6 +82,11 @@ class ControlStub:
                 request_serializer=memhp_dot_v1_dot_control__pb2.SetPolicyRequest.SerializeToString,
                 response_deserializer=memhp_dot_v1_dot_control__pb2.Vm.FromString,
                 _registered_method=True)
+        self.Resize = channel.unary_unary(
+                '/memhp.v1.Control/Resize',
+                request_serializer=memhp_dot_v1_dot_control__pb2.ResizeRequest.SerializeToString,
+                response_deserializer=memhp_dot_v1_dot_control__pb2.Vm.FromString,
+                _registered_method=True)
         self.WatchEvents = channel.unary_stream(
                 '/memhp.v1.Control/WatchEvents',
                 request_serializer=memhp_dot_v1_dot_control__pb2.WatchEventsRequest.SerializeToString,
@@ -149,6 +154,14 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Resize(self, request, context):
+        """virtio-mem VMs only (FAILED_PRECONDITION for a Hyper-V DM VM); works detached too
+        (the guest reads the config when it attaches).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def WatchEvents(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -201,6 +214,11 @@ def add_ControlServicer_to_server(servicer, server):
             'SetPolicy': grpc.unary_unary_rpc_method_handler(
                     servicer.SetPolicy,
                     request_deserializer=memhp_dot_v1_dot_control__pb2.SetPolicyRequest.FromString,
+                    response_serializer=memhp_dot_v1_dot_control__pb2.Vm.SerializeToString,
+            ),
+            'Resize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Resize,
+                    request_deserializer=memhp_dot_v1_dot_control__pb2.ResizeRequest.FromString,
                     response_serializer=memhp_dot_v1_dot_control__pb2.Vm.SerializeToString,
             ),
             'WatchEvents': grpc.unary_stream_rpc_method_handler(
@@ -454,6 +472,33 @@ class Control:
             target,
             '/memhp.v1.Control/SetPolicy',
             memhp_dot_v1_dot_control__pb2.SetPolicyRequest.SerializeToString,
+            memhp_dot_v1_dot_control__pb2.Vm.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Resize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memhp.v1.Control/Resize',
+            memhp_dot_v1_dot_control__pb2.ResizeRequest.SerializeToString,
             memhp_dot_v1_dot_control__pb2.Vm.FromString,
             options,
             channel_credentials,

@@ -51,6 +51,10 @@ class ControlStub:
     Balloon: _grpc.UnaryUnaryMultiCallable[_control_pb2.BalloonCommand, _control_pb2.Vm]
     Unballoon: _grpc.UnaryUnaryMultiCallable[_control_pb2.UnballoonCommand, _control_pb2.Vm]
     SetPolicy: _grpc.UnaryUnaryMultiCallable[_control_pb2.SetPolicyRequest, _control_pb2.Vm]
+    Resize: _grpc.UnaryUnaryMultiCallable[_control_pb2.ResizeRequest, _control_pb2.Vm]
+    """virtio-mem VMs only (FAILED_PRECONDITION for a Hyper-V DM VM); works detached too
+    (the guest reads the config when it attaches).
+    """
     WatchEvents: _grpc.UnaryStreamMultiCallable[_control_pb2.WatchEventsRequest, _control_pb2.Event]
 
 @_typing.type_check_only
@@ -70,6 +74,10 @@ class ControlAsyncStub(ControlStub):
     Balloon: _aio.UnaryUnaryMultiCallable[_control_pb2.BalloonCommand, _control_pb2.Vm]  # type: ignore[assignment]
     Unballoon: _aio.UnaryUnaryMultiCallable[_control_pb2.UnballoonCommand, _control_pb2.Vm]  # type: ignore[assignment]
     SetPolicy: _aio.UnaryUnaryMultiCallable[_control_pb2.SetPolicyRequest, _control_pb2.Vm]  # type: ignore[assignment]
+    Resize: _aio.UnaryUnaryMultiCallable[_control_pb2.ResizeRequest, _control_pb2.Vm]  # type: ignore[assignment]
+    """virtio-mem VMs only (FAILED_PRECONDITION for a Hyper-V DM VM); works detached too
+    (the guest reads the config when it attaches).
+    """
     WatchEvents: _aio.UnaryStreamMultiCallable[_control_pb2.WatchEventsRequest, _control_pb2.Event]  # type: ignore[assignment]
 
 class ControlServicer(metaclass=_abc_1.ABCMeta):
@@ -140,6 +148,16 @@ class ControlServicer(metaclass=_abc_1.ABCMeta):
         request: _control_pb2.SetPolicyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_control_pb2.Vm, _abc.Awaitable[_control_pb2.Vm]]: ...
+
+    @_abc_1.abstractmethod
+    def Resize(
+        self,
+        request: _control_pb2.ResizeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_pb2.Vm, _abc.Awaitable[_control_pb2.Vm]]:
+        """virtio-mem VMs only (FAILED_PRECONDITION for a Hyper-V DM VM); works detached too
+        (the guest reads the config when it attaches).
+        """
 
     @_abc_1.abstractmethod
     def WatchEvents(

@@ -330,6 +330,7 @@ class GuestMemory(_message.Message):
     UNSENT_MESSAGES_FIELD_NUMBER: _builtins.int
     FRAMES_SENT_FIELD_NUMBER: _builtins.int
     FRAMES_RECEIVED_FIELD_NUMBER: _builtins.int
+    VIRTIO_MEM_FIELD_NUMBER: _builtins.int
     vm_id: _builtins.str
     block_size_bytes: _builtins.int
     auto_online_blocks: _builtins.str
@@ -362,6 +363,13 @@ class GuestMemory(_message.Message):
     def pages(self) -> Global___PageCounts: ...
     @_builtins.property
     def violations(self) -> _containers.RepeatedCompositeFieldContainer[Global___Violation]: ...
+    @_builtins.property
+    def virtio_mem(self) -> Global___GuestVirtioMem:
+        """The virtio_mem driver of the guest's virtio-mem device (absent without one; then the
+        Hyper-V fields above are empty). Its requests and responses count in frames_sent and
+        frames_received, its unsent requests in unsent_messages.
+        """
+
     def __init__(
         self,
         *,
@@ -381,14 +389,111 @@ class GuestMemory(_message.Message):
         unsent_messages: _builtins.int = ...,
         frames_sent: _builtins.int = ...,
         frames_received: _builtins.int = ...,
+        virtio_mem: Global___GuestVirtioMem | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["counters", b"counters", "pages", b"pages"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_virtio_mem", b"_virtio_mem", "counters", b"counters", "pages", b"pages", "virtio_mem", b"virtio_mem"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["auto_online_blocks", b"auto_online_blocks", "block_size_bytes", b"block_size_bytes", "blocks", b"blocks", "busy", b"busy", "counters", b"counters", "dm_state", b"dm_state", "driver_mode", b"driver_mode", "frames_received", b"frames_received", "frames_sent", b"frames_sent", "meminfo", b"meminfo", "pages", b"pages", "regions", b"regions", "strategy", b"strategy", "unsent_messages", b"unsent_messages", "violations", b"violations", "vm_id", b"vm_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_virtio_mem", b"_virtio_mem", "auto_online_blocks", b"auto_online_blocks", "block_size_bytes", b"block_size_bytes", "blocks", b"blocks", "busy", b"busy", "counters", b"counters", "dm_state", b"dm_state", "driver_mode", b"driver_mode", "frames_received", b"frames_received", "frames_sent", b"frames_sent", "meminfo", b"meminfo", "pages", b"pages", "regions", b"regions", "strategy", b"strategy", "unsent_messages", b"unsent_messages", "violations", b"violations", "virtio_mem", b"virtio_mem", "vm_id", b"vm_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__virtio_mem: _TypeAlias = _typing.Literal["virtio_mem"]  # noqa: Y015
+    _WhichOneofArgType__virtio_mem: _TypeAlias = _typing.Literal["_virtio_mem", b"_virtio_mem"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__virtio_mem) -> _WhichOneofReturnType__virtio_mem | None: ...
+
+Global___GuestMemory: _TypeAlias = GuestMemory  # noqa: Y015
+
+@_typing.final
+class VirtioMemBlock(_message.Message):
+    """One memory block of a virtio-mem device, as the driver tracks it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    PLUGGED_PAGES_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """The memory block id (memoryN), in Big Block Mode the big block id."""
+    state: _builtins.str
+    """The driver's state: SBM unused, plugged, offline, offline_partial, kernel,
+    kernel_partial, movable, movable_partial; BBM unused, plugged, added, fake_offline.
+    """
+    plugged_pages: _builtins.int
+    """4 KiB pages of the block the driver holds plugged."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        state: _builtins.str = ...,
+        plugged_pages: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "plugged_pages", b"plugged_pages", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___GuestMemory: _TypeAlias = GuestMemory  # noqa: Y015
+Global___VirtioMemBlock: _TypeAlias = VirtioMemBlock  # noqa: Y015
+
+@_typing.final
+class GuestVirtioMem(_message.Message):
+    """The guest's virtio_mem driver (drivers/virtio/virtio_mem.c), bytes unless said."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODE_FIELD_NUMBER: _builtins.int
+    PROBED_FIELD_NUMBER: _builtins.int
+    BROKEN_FIELD_NUMBER: _builtins.int
+    REQUESTED_SIZE_FIELD_NUMBER: _builtins.int
+    PLUGGED_SIZE_FIELD_NUMBER: _builtins.int
+    UNIT_SIZE_FIELD_NUMBER: _builtins.int
+    OFFLINE_SIZE_FIELD_NUMBER: _builtins.int
+    OFFLINE_THRESHOLD_FIELD_NUMBER: _builtins.int
+    RETRY_TIMER_ARMED_FIELD_NUMBER: _builtins.int
+    RETRY_TIMER_MS_FIELD_NUMBER: _builtins.int
+    BUSY_FIELD_NUMBER: _builtins.int
+    BLOCKS_FIELD_NUMBER: _builtins.int
+    mode: _builtins.str
+    """"sbm" (Sub Block Mode) or "bbm" (Big Block Mode)."""
+    probed: _builtins.bool
+    broken: _builtins.bool
+    requested_size: _builtins.int
+    """What the driver last read from the config space."""
+    plugged_size: _builtins.int
+    """What the driver holds plugged (its own plugged_size)."""
+    unit_size: _builtins.int
+    """The unit the driver plugs: the subblock (SBM) or the big block (BBM)."""
+    offline_size: _builtins.int
+    """Plugged memory added but not online, and the threshold it stays under."""
+    offline_threshold: _builtins.int
+    retry_timer_armed: _builtins.bool
+    retry_timer_ms: _builtins.int
+    """The next retry's wait (50,000 doubling to 300,000 ms)."""
+    busy: _builtins.bool
+    """The work runs or waits for a response."""
+    @_builtins.property
+    def blocks(self) -> _containers.RepeatedCompositeFieldContainer[Global___VirtioMemBlock]: ...
+    def __init__(
+        self,
+        *,
+        mode: _builtins.str = ...,
+        probed: _builtins.bool = ...,
+        broken: _builtins.bool = ...,
+        requested_size: _builtins.int = ...,
+        plugged_size: _builtins.int = ...,
+        unit_size: _builtins.int = ...,
+        offline_size: _builtins.int = ...,
+        offline_threshold: _builtins.int = ...,
+        retry_timer_armed: _builtins.bool = ...,
+        retry_timer_ms: _builtins.int = ...,
+        busy: _builtins.bool = ...,
+        blocks: _abc.Iterable[Global___VirtioMemBlock] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocks", b"blocks", "broken", b"broken", "busy", b"busy", "mode", b"mode", "offline_size", b"offline_size", "offline_threshold", b"offline_threshold", "plugged_size", b"plugged_size", "probed", b"probed", "requested_size", b"requested_size", "retry_timer_armed", b"retry_timer_armed", "retry_timer_ms", b"retry_timer_ms", "unit_size", b"unit_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GuestVirtioMem: _TypeAlias = GuestVirtioMem  # noqa: Y015
 
 @_typing.final
 class SetBlockStateRequest(_message.Message):

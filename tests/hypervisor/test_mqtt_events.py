@@ -133,6 +133,7 @@ async def test_every_hub_event_goes_out_and_the_state_follows() -> None:
         "backed_bytes": (BLOCK + 100) * PAGE,
         "guest_address": "",
         "mqtt": {"published": 0, "dropped": 0},
+        "virtio_mem": None,
     }
 
     # Closing publishes the last state of every VM and stops taking events.
@@ -197,3 +198,24 @@ def test_state_document_of_a_fresh_vm() -> None:
     assert doc["actual_bytes"] == BOOT * PAGE
     assert doc["requested_bytes"] == 0 and doc["in_flight"] is None
     assert doc["mqtt"] == {"published": 3, "dropped": 4}
+
+
+def test_a_virtio_mem_vms_state_document_has_its_device() -> None:
+    from hypervisor.vm import VirtioMemSettings
+
+    hv = Hypervisor(StateStore(None), defaults=None)
+    settings = VirtioMemSettings(region_size=1 << 30, addr=4 << 30)
+    handle = hv.create_vm(VmConfig("v", 262_144, 262_144, 32_768, "virtio-mem", settings))
+    hv.resize("v", 64 << 20)
+    doc = state_document(handle, {"published": 0, "dropped": 0}, timestamp=1.0)
+    assert doc["dm_state"] == ""
+    assert doc["virtio_mem"] == {
+        "requested_bytes": 64 << 20,
+        "plugged_bytes": 0,
+        "block_size_bytes": 2 << 20,
+        "region_size_bytes": 1 << 30,
+        "usable_region_size_bytes": 320 << 20,
+        "addr": 4 << 30,
+        "node_id": 0,
+    }
+    STATE.validate(doc)

@@ -96,3 +96,26 @@ def test_region_reserved_by_queued_work_is_not_written() -> None:
     writer.save(s, also=(before,))
     (vm,) = store.load()
     assert vm.snapshot is not None and len(vm.snapshot["regions"]) == 2
+
+
+def test_a_virtio_mem_vm_and_its_device_survive(tmp_path: Path) -> None:
+    from hypervisor.virtio_mem_host import VirtioMemDevice
+    from hypervisor.vm import VirtioMemSettings
+    from memhp.virtio_mem import VirtioMemRequest
+
+    settings = VirtioMemSettings(region_size=1 << 30, addr=4 << 30, requested=64 << 20)
+    cfg = VmConfig("v", BOOT, BOOT, BLOCK, "virtio-mem", settings)
+    path = tmp_path / "state.db"
+    store = StateStore(path)
+    store.add_vm(cfg, {"kind": "manual"})
+    device = VirtioMemDevice(settings.device_config(), vm_id="v")
+    device.request(VirtioMemRequest.plug(4 << 30, 16), 0.0)
+    store.write_device("v", device.snapshot())
+    store.close()
+
+    again = StateStore(path)
+    (vm,) = again.load()
+    assert vm.config == cfg and vm.device == device.snapshot()
+    restored = VirtioMemDevice.from_snapshot(settings.device_config(), vm.device, vm_id="v")
+    assert restored.plugged_size == 32 << 20 and restored.requested_size == 64 << 20
+    again.close()

@@ -57,6 +57,8 @@ async def test_vms_show_and_commands(hv: HvProcess, guests: list[FakeGuest]) -> 
         "boot_bytes": 2 * GIB,
         "max_bytes": 8 * GIB,
         "block_size_bytes": 128 * MIB,
+        "protocol": "hyperv-dm",
+        "virtio_mem": None,
     }
     assert vm["in_flight"] is None and vm["policy"] == {"manual": {}}
 

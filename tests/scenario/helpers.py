@@ -7,15 +7,11 @@ from pathlib import Path
 from typing import Any
 
 from memhp.scenario.runner import ScenarioRunner
-from memhp.scenario.spec import load_scenario, parse_scenario
+from memhp.scenario.spec import parse_scenario
 
 REPO = Path(__file__).resolve().parents[2]
 SCENARIOS_DIR = REPO / "scenarios"
 BUNDLED = sorted(SCENARIOS_DIR.glob("*.yaml"))
-#: The bundled scenarios whose VMs all speak Hyper-V DM (what the guest agent serves today).
-BUNDLED_HYPERV = [
-    path for path in BUNDLED if all(vm.protocol == "hyperv-dm" for vm in load_scenario(path).vms)
-]
 
 MIB_PAGES = 256  # 4 KiB pages in 1 MiB
 BLOCK_PAGES = 128 * MIB_PAGES  # one 128 MiB memory block

@@ -19,6 +19,7 @@ import pytest_asyncio
 from extents import RangeSet
 from guest.introspection import GuestControl, guest_memory_pb, pfn_ranges, write_failure
 from guest.invariants import check_guest
+from guest.virtio_mem_invariants import check_virtio_mem
 from guest.vm import GuestConfig, GuestVm
 from memhp.procs import memhp_command
 from memhp.scenario.processes import check_supported, guest_argv
@@ -26,7 +27,7 @@ from memhp.scenario.result import guest_view, guest_view_pb, without_time
 from memhp.scenario.runner import Node, ScenarioRunner
 from memhp.scenario.spec import ScenarioError, load_scenario, parse_scenario
 from memhp.v1 import guest_pb2, guest_pb2_grpc
-from tests.scenario.helpers import BUNDLED_HYPERV, SCENARIOS_DIR, VM_G, doc
+from tests.scenario.helpers import BUNDLED, SCENARIOS_DIR, VM_G, doc
 
 MIB_PAGES = 256
 
@@ -38,6 +39,11 @@ def _played(path: Path) -> ScenarioRunner:
 
 
 def _truth(node: Node) -> guest_pb2.GetMemoryRequest:
+    if node.device is not None:
+        # A virtio-mem guest: the device's plugged memory (what the process runner sends).
+        return guest_pb2.GetMemoryRequest(
+            host_truth=True, host_backed=pfn_ranges(node.device.plugged.ranges())
+        )
     offered = RangeSet()
     for region in node.host.regions:
         for s, e in region.backed.ranges():
@@ -49,24 +55,29 @@ def _truth(node: Node) -> guest_pb2.GetMemoryRequest:
     )
 
 
-@pytest.mark.parametrize("path", BUNDLED_HYPERV, ids=[p.stem for p in BUNDLED_HYPERV])
+@pytest.mark.parametrize("path", BUNDLED, ids=[p.stem for p in BUNDLED])
 def test_the_guest_agents_answer_gives_the_in_process_view(path: Path) -> None:
     for node in _played(path).nodes.values():
         memory = guest_memory_pb(node.guest)
         assert json.dumps(guest_view_pb(memory)) == json.dumps(guest_view(node.guest))
 
 
-@pytest.mark.parametrize("path", BUNDLED_HYPERV, ids=[p.stem for p in BUNDLED_HYPERV])
+@pytest.mark.parametrize("path", BUNDLED, ids=[p.stem for p in BUNDLED])
 def test_get_memory_with_the_host_truth_finds_what_the_runner_checks(path: Path) -> None:
     for node in _played(path).nodes.values():
-        offered = RangeSet()
-        for region in node.host.regions:
-            for s, e in region.backed.ranges():
-                offered.add(s, e)
-        expected = [
-            (f.invariant, f.start_pfn, f.end_pfn, f.message)
-            for f in check_guest(node.guest.mm, node.guest.driver, node.host.backed, offered)
-        ]
+        if node.device is not None:
+            findings = check_guest(node.guest.mm, None, None, None)
+            for driver in node.guest.virtio_mem:
+                findings += check_virtio_mem(
+                    node.guest.mm, driver, node.device.plugged, node.device.plugged_size
+                )
+        else:
+            offered = RangeSet()
+            for region in node.host.regions:
+                for s, e in region.backed.ranges():
+                    offered.add(s, e)
+            findings = check_guest(node.guest.mm, node.guest.driver, node.host.backed, offered)
+        expected = [(f.invariant, f.start_pfn, f.end_pfn, f.message) for f in findings]
         memory = guest_memory_pb(node.guest, (), _truth(node))
         got = [(v.invariant, v.pfn_start, v.pfn_end, v.message) for v in memory.violations]
         assert got == expected

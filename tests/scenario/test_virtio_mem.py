@@ -231,13 +231,25 @@ def test_cli_reports_the_callback_conflict(tmp_path: Path) -> None:
     assert "hv_balloon already installed it; virtio_mem cannot" in result["error"]
 
 
-def test_processes_refuse_virtio_mem_for_now() -> None:
-    scenario = load_scenario(SCENARIOS_DIR / "virtio-mem-sbm.yaml")
-    with pytest.raises(ScenarioError, match="protocol virtio-mem is not supported with --proc"):
-        check_supported(scenario)
-    proc = memhp(SCENARIOS_DIR / "virtio-mem-sbm.yaml", "--processes")
+def test_processes_take_virtio_mem_and_refuse_both_drivers(tmp_path: Path) -> None:
+    check_supported(load_scenario(SCENARIOS_DIR / "virtio-mem-sbm.yaml"))
+    path = tmp_path / "both.yaml"
+    path.write_text(
+        doc(
+            "vms:",
+            "  - id: g",
+            "    boot_memory: 1G",
+            "    max_memory: 2G",
+            "    protocol: hyperv-dm+virtio-mem",
+            "    virtio_mem: {region_size: 1G}",
+            "steps: []",
+        )
+    )
+    with pytest.raises(ScenarioError, match="protocol hyperv-dm\\+virtio-mem is not supported"):
+        check_supported(load_scenario(path))
+    proc = memhp(path, "--processes")
     assert proc.returncode == 2
-    assert "not supported with --processes yet" in proc.stderr
+    assert "memhp guest exits 1 with both drivers" in proc.stderr
 
 
 def test_bundled_virtio_mem_scenarios_show_what_they_say() -> None:
