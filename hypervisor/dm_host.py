@@ -565,6 +565,9 @@ class DmHostSession:
         region.pending.add(start, start + pages)
         return self._send_offer(cmd, Offer(region, start, pages, with_region=True), now)
 
+    def _caps_allow_hot_add(self) -> bool:
+        return self._caps is not None and self._caps.hot_add and not self._hot_add_disabled
+
     def _offer_blocker(self, offer: Offer) -> str | None:
         """Why a queued hot-add can no longer go out (things changed since it was accepted)."""
         assert self._caps is not None
@@ -584,11 +587,19 @@ class DmHostSession:
         region, start, end = offer.region, offer.start, offer.start + offer.pages
         reason = self._offer_blocker(offer)
         if reason is not None:
-            region.pending.remove(start, end)
-            if offer.with_region:
-                # Never offered, never to be: keep its addresses out of later placement.
-                region.unusable = True
-            self._emit("command_dropped", command=cmd.describe(), reason=reason)
+            dropped = [offer]
+            if not self._caps_allow_hot_add():
+                # No offer of the batch can go out: drop them all, with one event.
+                dropped += cmd.later
+                cmd.later.clear()
+            for o in dropped:
+                o.region.pending.remove(o.start, o.start + o.pages)
+                if o.with_region:
+                    # Never offered, never to be: keep its addresses out of later placement.
+                    o.region.unusable = True
+            self._emit(
+                "command_dropped", command=cmd.describe(), reason=reason, offers=len(dropped)
+            )
             return []
         # Ground truth first: the host backs before it tells the guest.
         self._truth.back(region, start, end)

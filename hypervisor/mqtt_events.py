@@ -49,8 +49,8 @@ def state_document(
         "in_flight": None
         if txn is None
         else {"kind": txn.kind, "trans_id": txn.trans_id, "pages": txn.pages},
-        "regions": len(s.regions),
-        "backed_bytes": sum(r.backed_pages for r in s.regions) << PAGE_SHIFT,
+        "regions": s.region_count,
+        "backed_bytes": sum(r.backed_pages for r in s.regions_from(0)) << PAGE_SHIFT,
         "guest_address": handle.guest_address,
         "mqtt": dict(mqtt),
         "virtio_mem": None

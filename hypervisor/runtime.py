@@ -38,13 +38,14 @@ from hypervisor.events import HostEvent, ProtocolViolation
 from hypervisor.ground_truth import HotAddRegion
 from hypervisor.policy import DynamicPolicy, ManualPolicy, TargetPolicy, policy_from_data
 from hypervisor.reconcile import GuestState, ReconcileReport, reattach
-from hypervisor.store import StateStore, TruthWriter
+from hypervisor.store import StateFileError, StateStore, TruthWriter
 from hypervisor.virtio_mem_host import VirtioMemDevice
 from hypervisor.vm import VmConfig
 from memhp import dm, wire
 from memhp import virtio_mem as vmem
 from memhp.logs import get_logger
 from memhp.v1 import dm_pb2, virtio_mem_pb2
+from memhp.virtio_mem import VirtioMemProtocolError
 
 #: How many commands may wait behind the running one before the host says no.
 MAX_QUEUED_COMMANDS: Final = 16
@@ -330,7 +331,10 @@ class Hypervisor:
                 try:
                     handle.device.restore(stored.device)
                 except ValueError as err:
-                    handle.log.error("device_snapshot_unusable", error=str(err))
+                    # As for a DM snapshot: a state file that does not fit is not guessed at.
+                    raise StateFileError(
+                        f"{self.store.path}: VM {stored.config.vm_id!r}: virtio-mem device: {err}"
+                    ) from None
                 handle.device.drain_events()
                 handle.touched = True
             handle.writer.save(handle.session, check_all=True)
@@ -353,6 +357,8 @@ class Hypervisor:
                 raise ServiceError(
                     "invalid_argument", _DEVICE_FIELDS.get(err.field, err.field), err.message
                 ) from None
+            except VirtioMemProtocolError as err:
+                raise ServiceError("invalid_argument", "virtio_mem", str(err)) from None
             device.drain_events()
         return VmHandle(
             config,
@@ -681,14 +687,19 @@ class Hypervisor:
             return
         response = device.request(request, handle.now())
         self._answer(handle, response)
-        events = device.drain_events()
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            self.publish_device_events(handle, events)
+            self._publish_device_changes(handle)
         else:
-            # The answer goes out first; publishing and the state file follow.
-            loop.call_soon(self.publish_device_events, handle, events)
+            # The answer goes out first; publishing and the state file follow. The events
+            # are drained then, not now, so a command run in between (a Resize) cannot
+            # publish its own before these.
+            loop.call_soon(self._publish_device_changes, handle)
+
+    def _publish_device_changes(self, handle: VmHandle) -> None:
+        if handle.device is not None:
+            self.publish_device_events(handle, handle.device.drain_events())
 
     def _answer(self, handle: VmHandle, response: vmem.VirtioMemResponse) -> None:
         assert handle.device is not None

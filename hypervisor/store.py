@@ -22,7 +22,11 @@ from hypervisor.dm_host import DmHostSession
 from hypervisor.ground_truth import HotAddRegion
 from hypervisor.vm import VIRTIO_MEM, VirtioMemSettings, VmConfig
 
-SCHEMA_VERSION = 1
+#: 2 added the virtio_mem table (a version-1 file is upgraded in place: the table is
+#: created empty); a version-1 hypervisor refuses a version-2 file instead of reading
+#: its virtio-mem VMs as Hyper-V ones.
+SCHEMA_VERSION = 2
+_UPGRADABLE = frozenset({"1"})
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -82,6 +86,11 @@ class StateStore:
             row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
             if row is None:
                 self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+                self._db.commit()
+            elif row[0] in _UPGRADABLE:
+                self._db.execute(
+                    "UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),)
+                )
                 self._db.commit()
             elif row[0] != str(SCHEMA_VERSION):
                 raise StateFileError(

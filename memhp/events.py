@@ -232,7 +232,7 @@ CATALOGUE: Final[tuple[EventKind, ...]] = (
     _session("command_queued", "an operator command waits for the channel", "command"),
     _session("command_started", "a command began", "command"),
     _session("command_done", "a command finished", "command"),
-    _session("command_dropped", "a command was given up", "command", "reason"),
+    _session("command_dropped", "a command was given up", "command", "reason", "offers"),
     _session(
         "hot_add_request",
         "hot-add request sent: `range` backed, `region` the whole "

@@ -71,6 +71,7 @@ from memhp.scenario.runner import POST_INIT_DELAY, TRACE_LENGTH
 from memhp.scenario.spec import Scenario, ScenarioError, Step, VmSpec
 from memhp.units import PAGE_SHIFT
 from memhp.v1 import control_pb2, control_pb2_grpc, dm_pb2, guest_pb2, guest_pb2_grpc
+from memhp.view.grpc_source import memory_request
 from memhp.view.model import onlined_pages
 from memhp.view.timeline import Sample, Timeline
 
@@ -460,22 +461,7 @@ class ProcessRunner:
     async def _memory(
         self, node: ProcNode, vm: control_pb2.Vm | None = None
     ) -> guest_pb2.GuestMemory:
-        request = guest_pb2.GetMemoryRequest()
-        if vm is not None and vm.HasField("virtio_mem"):
-            # A virtio-mem guest checks against what the device has plugged.
-            request = guest_pb2.GetMemoryRequest(
-                host_truth=True, host_backed=pfn_ranges(_ranges(vm.virtio_mem.plugged))
-            )
-        elif vm is not None:
-            offered = RangeSet()
-            for region in vm.regions:
-                for s, e in _ranges(region.backed):
-                    offered.add(s, e)
-            request = guest_pb2.GetMemoryRequest(
-                host_truth=True,
-                host_backed=pfn_ranges(_ranges(vm.backed)),
-                host_offered=pfn_ranges(offered.ranges()),
-            )
+        request = guest_pb2.GetMemoryRequest() if vm is None else memory_request(vm)
         memory: guest_pb2.GuestMemory = await self._rpc(
             node.guest.GetMemory(request, timeout=RPC_TIMEOUT)
         )

@@ -47,6 +47,11 @@ def _pages(ranges: Iterable[dm_pb2.PageRange]) -> list[tuple[int, int]]:
 
 def memory_request(vm: control_pb2.Vm) -> guest_pb2.GetMemoryRequest:
     """``GetMemory`` checked against the host's ground truth in ``vm`` (a ``GetVm``)."""
+    if vm.HasField("virtio_mem"):
+        # A virtio-mem guest checks against what the device has plugged.
+        return guest_pb2.GetMemoryRequest(
+            host_truth=True, host_backed=_pfn_ranges(_pages(vm.virtio_mem.plugged))
+        )
     offered = RangeSet()
     for region in vm.regions:
         for s, e in _pages(region.backed):

@@ -92,3 +92,16 @@ def test_back_remaining_backs_every_hole_lowest_first() -> None:
     with pytest.raises(HostCommandError) as err:
         s.back_remaining(0.0)
     assert err.value.field == "remaining"
+
+
+def test_a_batch_the_guest_can_no_longer_take_is_dropped_with_one_event() -> None:
+    s = ready()
+    (first,) = s.hot_add(BLOCK, BLOCK, 0.0, count=50)
+    assert isinstance(first, HotAddRequest)
+    s.drain_events()
+    # The guest disables hot-add (result 1, nothing added): the other 49 cannot go out.
+    assert s.receive(HotAddResponse(tid(), page_count=0, result=1), 1.0) == []
+    dropped = [e for e in s.drain_events() if e.kind == "command_dropped"]
+    assert len(dropped) == 1 and dropped[0].data["offers"] == 49
+    assert s.hot_add_disabled and not s.busy
+    assert all(r.unusable and not r.pending for r in s.regions[1:])

@@ -72,6 +72,26 @@ def test_schema_mismatch_is_refused(tmp_path: Path) -> None:
         StateStore(path)
 
 
+def test_a_version_1_file_is_upgraded_and_keeps_its_vms(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "state.db"
+    store = StateStore(path)
+    store.add_vm(VmConfig("old", BOOT, 8 * BOOT, BLOCK), {"kind": "manual"})
+    store.close()
+    db = sqlite3.connect(path)
+    db.execute("UPDATE meta SET value='1' WHERE key='schema'")
+    db.execute("DROP TABLE virtio_mem")  # version 1 had no virtio-mem devices
+    db.commit()
+    db.close()
+    store = StateStore(path)
+    assert [v.config.vm_id for v in store.load()] == ["old"]
+    store.close()
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == ("2",)
+    db.close()
+
+
 def test_not_a_database_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "state.db"
     path.write_bytes(b"this is not sqlite" * 100)
