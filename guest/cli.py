@@ -360,6 +360,8 @@ async def serve(args: argparse.Namespace) -> int:
         port = server.add_insecure_port(args.listen)
     except RuntimeError as err:
         log.error("listen_failed", listen=args.listen, error=str(err))
+        if sink is not None:
+            await sink.aclose()
         return EXIT_BAD_INPUT
     host = args.listen.rpartition(":")[0] or "127.0.0.1"
     address = f"{host}:{port}"

@@ -466,16 +466,24 @@ class VirtioMemDevice:
             s, e = max(s, lo), min(e, hi)
             if s >= e:
                 continue
-            for hs, he in self._plugged.holes(s, e):
-                violation = ProtocolViolation(
-                    UNPLUGGED_ACCESS,
-                    f"guest {what} of unplugged device memory [{hs:#x}, {he:#x})",
-                    None,
-                    hs,
-                    he,
-                )
-                found.append(violation)
-                self._emit("violation", **violation.as_data(), what=what)
+            holes = list(self._plugged.holes(s, e))
+            if not holes:
+                continue
+            # One violation per reported range, spanning its unplugged pages: a report
+            # over fragmented memory must not become one event per hole.
+            hs, he = holes[0][0], holes[-1][1]
+            pages = sum(b - a for a, b in holes)
+            pieces = f" in {len(holes)} pieces" if len(holes) > 1 else ""
+            violation = ProtocolViolation(
+                UNPLUGGED_ACCESS,
+                f"guest {what} of {pages} pages of unplugged device memory in "
+                f"[{hs:#x}, {he:#x}){pieces}",
+                None,
+                hs,
+                he,
+            )
+            found.append(violation)
+            self._emit("violation", **violation.as_data(), what=what)
         self.violations += found
         return found
 

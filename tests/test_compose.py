@@ -26,9 +26,7 @@ from tests.compose_file import (
     COMPOSE_FILE,
     DOCKERFILE,
     ROOT,
-    PendingCommand,
     command,
-    for_this_branch,
     healthcheck,
     is_memhp,
     load,
@@ -189,23 +187,15 @@ def test_profiles() -> None:
 
 @pytest.mark.parametrize("name", MEMHP_SERVICES)
 def test_service_command_parses(name: str, capsys: pytest.CaptureFixture[str]) -> None:
-    argv = command(services()[name])
-    try:
-        runnable, dropped = for_this_branch(argv)
-    except PendingCommand as err:
-        pytest.xfail(str(err))
-    args = parse(runnable, capsys)
+    args = parse(command(services()[name]), capsys)
     assert callable(args.func)
-    for note in dropped:
-        # Parsed without it; the TODO in tests/compose_file.py says when it comes back.
-        assert note.startswith("--mqtt mqtt://"), note
 
 
 def test_a_misspelt_flag_is_caught(capsys: pytest.CaptureFixture[str]) -> None:
     argv = command(services()["hypervisor"])
     argv[argv.index("--listen")] = "--listn"
     with pytest.raises(pytest.fail.Exception, match="unrecognized arguments: --listn"):
-        parse(for_this_branch(argv)[0], capsys)
+        parse(argv, capsys)
 
 
 # -- the image ------------------------------------------------------------------------

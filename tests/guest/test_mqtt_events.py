@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from typing import Any
 
 import jsonschema
@@ -40,6 +41,14 @@ def rig(**kw: Any) -> tuple[Host, GuestMqtt, MqttPublisher]:
     return h, sink, pub
 
 
+async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Until the publisher's coalescer has caught up (a loaded machine may take a while)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "the publisher did not catch up"
+        await asyncio.sleep(0.01)
+
+
 def envelopes(pub: MqttPublisher) -> list[dict[str, Any]]:
     return [json.loads(m.payload) for m in pub._queue]
 
@@ -52,7 +61,10 @@ def document(pub: MqttPublisher) -> dict[str, Any]:
 async def test_events_and_the_memory_map_after_partial_backing() -> None:
     h, _sink, pub = rig(auto_online_blocks="online")
     h.hot_add(R, 300 * MIB, (R, GIB))
-    await asyncio.sleep(0.05)
+    expected_map = [[0, 34, "online"], [34, 1, "unbacked"]]
+    await until(
+        lambda: events.guest_topic("g") in pub._retained and document(pub)["blocks"] == expected_map
+    )
     out = envelopes(pub)
     for e in out:
         EVENT.validate(e)
@@ -84,10 +96,10 @@ async def test_events_and_the_memory_map_after_partial_backing() -> None:
 
 async def test_a_new_checker_finding_is_published_once() -> None:
     h, sink, pub = rig()
-    await asyncio.sleep(0.05)
+    await until(lambda: events.guest_topic("g") in pub._retained)
     # The host unballoons boot memory that was never ballooned (E6): the driver's finding.
     h.unballoon([(0x10000, 512)])
-    await asyncio.sleep(0.05)
+    await until(lambda: document(pub)["violations"] == 1)
     found = [e for e in envelopes(pub) if e["kind"] == "violation"]
     assert [e["payload"]["invariant"] for e in found] == ["unballoon-not-ballooned"]
     assert found[0]["payload"]["start_pfn"] == 0x10000

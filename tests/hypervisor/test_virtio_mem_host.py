@@ -517,3 +517,20 @@ TestHostileGuest.settings = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
+
+
+def test_an_access_over_fragmented_memory_is_one_violation_per_reported_range() -> None:
+    d = device(GIB)
+    for i in range(0, 64, 2):
+        plug(d, i * BS)  # every other block plugged: 32 holes
+    d.drain_events()
+    first = ADDR >> 12
+    span = 64 * BS >> 12
+    (found,) = d.check_access([(first, first + span)], "allocate")
+    assert (found.kind, found.pfn_start, found.pfn_end) == (
+        "unplugged-access",
+        first + (BS >> 12),
+        first + span,
+    )
+    assert "32 pieces" in found.message and f"{32 * (BS >> 12)} pages" in found.message
+    assert [e.kind for e in d.drain_events()] == ["violation"]
