@@ -34,8 +34,17 @@ it and probes), the driver's requests go out as ``request``, each ``response`` i
 delivered with the config it carries, ``config_changed`` is the config interrupt, and
 page accesses in device memory go out as ``access`` (batched like the DM ones). A
 request left unanswered when the stream broke is sent again on the new stream (the
-virtqueue outlives a transport hiccup; the host answers in order). There is no
+virtqueue outlives a transport hiccup; the host answers in order, and replays its ACK
+when it had applied the request and only the answer was lost). There is no
 reconcile: the device keeps what is plugged, the driver what it holds.
+
+A device message that cannot be one is not waited on: a ``response`` whose type, state
+or config does not parse is delivered as ERROR (with the config the driver read last),
+a failed request: after a PLUG or UNPLUG the driver marks the device broken, as for the
+device's own ERROR (the kernel reads an unknown type as -ENOMEM and retries, but the
+request may have been applied; a device that answers garbage gets no more). A config
+that does not parse (in ``attached`` or ``config_changed``) breaks the stream: the
+agent reconnects and reads the config afresh.
 """
 
 from __future__ import annotations
@@ -471,16 +480,15 @@ class GuestAgent:
         self.wake()
 
     def _wake_if_sooner(self) -> None:
-        """A step outside the pump (a frame answered inline) may have armed a timer that
-        is due before the pump means to wake: wake it, so it sleeps until that timer."""
+        """A step outside the pump (a frame answered inline) may have made something due
+        before the pump means to wake (a timer, an access batch, a sysfs rewrite): wake
+        it then, and only then, so it sleeps until that. The pump's own rule decides
+        (:meth:`_wake_at`): a sysfs rewrite held back by the 100 ms limit is not due."""
         vm = self.vm
         if vm is None:
             return
-        if self._sysfs_dirty and self.options.sysfs_dir is not None:
-            self.wake()  # the pump rewrites sysfs
-            return
-        due = [d for d in (vm.next_deadline(), self._access.deadline) if d is not None]
-        if due and (self._pump_wakes_at is None or min(due) < self._pump_wakes_at):
+        due = self._wake_at(vm)
+        if due is not None and (self._pump_wakes_at is None or due < self._pump_wakes_at):
             self.wake()
 
     def catch_up(self) -> None:
@@ -614,7 +622,7 @@ class GuestAgent:
         if kind != "attached":
             raise LinkClosed(f"expected attached, got {kind}")
         layout = Layout.from_pb(reply.attached.layout)
-        config = config_from_pb(reply.attached.config)
+        config = self._config_or_broken(reply.attached.config, "attached")
         if self.vm is None:
             self._build(layout, config)
             assert self.vm is not None
@@ -699,19 +707,19 @@ class GuestAgent:
                 raise LinkClosed("the hypervisor ended the stream")
             kind = msg.WhichOneof("msg")
             if kind == "frame":
-                self._on_frame(msg.frame)
-                if self.attached.is_set():
-                    # Answer from here: the host waits, and a hop through the pump task
-                    # costs a turn of the loop. The pump still runs for its timers.
-                    async with self._step_lock:
-                        await self._step(self.elapsed())
-                    self._wake_if_sooner()
-                    continue
+                # Delivered and answered from here, under the step lock as the virtio
+                # reader does: the host waits, and a hop through the pump task costs a
+                # turn of the loop. The pump still runs for its timers.
+                async with self._step_lock:
+                    self._on_frame(msg.frame)
+                    await self._step(self.elapsed())
+                self._wake_if_sooner()
             elif kind == "error":
-                self._on_host_error(msg.error)
+                async with self._step_lock:
+                    self._on_host_error(msg.error)
+                self.wake()
             else:
                 self.log.warning("unexpected_host_message", kind=kind)
-            self.wake()
 
     async def _read_loop_virtio(self, link: Link[Any, Any]) -> None:
         vm = self.vm
@@ -723,14 +731,18 @@ class GuestAgent:
             kind = msg.WhichOneof("msg")
             if kind == "response":
                 self.frames_received += 1
+                config: vmem.VirtioMemConfig | None
                 try:
                     resp = vmem.VirtioMemResponse(
                         vmem.VirtioMemRespType(msg.response.type), msg.response.state
                     )
                     config = config_from_pb(msg.response.config)
                 except (ValueError, vmem.VirtioMemProtocolError) as err:
-                    self.log.warning("bad_device_response", error=str(err))
-                    continue
+                    # The request failed: ERROR, the config as the driver read it last.
+                    self.log.warning(
+                        "bad_device_response", error=str(err), delivered=vmem.ERROR.name
+                    )
+                    resp, config = vmem.VirtioMemResponse(vmem.ERROR), None
                 self._vmem_pending = None
                 async with self._step_lock:
                     self.catch_up()
@@ -741,13 +753,25 @@ class GuestAgent:
                 continue
             if kind == "config_changed":
                 self.frames_received += 1
+                changed = self._config_or_broken(msg.config_changed.config, "config_changed")
                 async with self._step_lock:
                     self.catch_up()
-                    vm.virtio_config_changed(config_from_pb(msg.config_changed.config))
+                    vm.virtio_config_changed(changed)
                     await self._step(self.elapsed())
                 self._wake_if_sooner()
                 continue
             self.log.warning("unexpected_device_message", kind=kind)
+
+    def _config_or_broken(
+        self, pb: virtio_mem_pb2.VirtioMemConfig, where: str
+    ) -> vmem.VirtioMemConfig:
+        """The config a device message carries; a config that cannot be one breaks the
+        stream (LinkClosed: the agent reconnects and reads it afresh at attach)."""
+        try:
+            return config_from_pb(pb)
+        except vmem.VirtioMemProtocolError as err:
+            self.log.warning("bad_device_config", message=where, error=str(err))
+            raise LinkClosed(f"{where}: bad device config: {err}") from None
 
     def _on_frame(self, frame: dm_pb2.DmFrame) -> None:
         assert self.vm is not None
@@ -784,8 +808,9 @@ class GuestAgent:
                 if self._access.due(now):
                     await self._flush_access()
                 self._sync_sysfs(now)
-                timeout = self._timeout(vm, now)
-                self._pump_wakes_at = None if timeout is None else now + timeout
+                wake_at = self._wake_at(vm)
+                timeout = None if wake_at is None else max(0.0, wake_at - now)
+                self._pump_wakes_at = wake_at
             if timeout is None:
                 await self._wake.wait()
             elif timeout > 0:
@@ -806,12 +831,15 @@ class GuestAgent:
             await self._send(vm.drain_outbox(), now)
         self._log_events()
 
-    def _timeout(self, vm: GuestVm, now: float) -> float | None:
+    def _wake_at(self, vm: GuestVm) -> float | None:
+        """When the pump has something to do (guest time; None: nothing until woken):
+        the guest's next timer, the access batch's deadline (with a stream), the sysfs
+        rewrite the rate limit allows."""
         deadlines = [vm.next_deadline(), self._access.deadline if self._link else None]
         if self._sysfs_dirty and self._sysfs_written_at is not None:
             deadlines.append(self._sysfs_written_at + SYSFS_MIN_INTERVAL)
         due = [d for d in deadlines if d is not None]
-        return max(0.0, min(due) - now) if due else None
+        return min(due) if due else None
 
     async def _send(self, messages: list[dm.DmMessage], now: float) -> None:
         for msg in messages:

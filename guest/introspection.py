@@ -20,8 +20,9 @@ other     FAILED_PRECONDITION    e.g. a notifier refused the change
 
 The message names the block, the errno (``-EINVAL``) and the reason. A write while
 an onlining holds ``mem_hotplug_lock`` waits for it (the kernel restarts the
-syscall) and then applies. Everything runs on the agent's event loop, so the model
-is never read while it changes.
+syscall) and then applies; so does one a virtio-mem work holds its ``hotplug_mutex``
+over (the kernel's writer blocks in the driver's memory notifier). Everything runs on
+the agent's event loop, so the model is never read while it changes.
 
 ``GuestControl``, served next to it, is what a process in the guest does (``memhp
 scenario run --processes`` uses it for its allocate, free, inject and dump steps):
@@ -231,7 +232,8 @@ def virtio_mem_pb(driver: VirtioMem) -> guest_pb2.GuestVirtioMem:
 
 
 async def set_block_state(vm: GuestVm, index: int, value: str) -> MemoryBlock:
-    """``echo value > memory<index>/state``, waiting out a held ``mem_hotplug_lock``.
+    """``echo value > memory<index>/state``, waiting out a held ``mem_hotplug_lock`` or
+    a virtio-mem work's ``hotplug_mutex`` over the block (where the kernel's writer blocks).
 
     Raises :class:`MemoryHotplugError` like the write would fail.
     """

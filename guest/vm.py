@@ -45,6 +45,8 @@ from guest.mm.memory import (
     ONLINE_TYPES,
     PHASE_CALLBACKS_DONE,
     PHASE_WINDOW,
+    STATE_OFFLINE,
+    STATE_ONLINE,
     ZONES,
     HotplugLockBusy,
     MemoryBlock,
@@ -59,7 +61,7 @@ from guest.mm.notifier import (
     MemoryNotify,
     NotifierErrorInject,
 )
-from guest.sysfs import sysfs_state_write
+from guest.sysfs import sysfs_state_write, sysfs_streq
 from memhp.dm import DmMessage
 from memhp.virtio_mem import AccessReport, VirtioMemConfig, VirtioMemRequest, VirtioMemResponse
 
@@ -235,7 +237,15 @@ class GuestVm:
 
     def write_block_state(self, block_id: int, value: str) -> None:
         """``echo value > memoryN/state`` (:func:`guest.sysfs.sysfs_state_write`), with
-        the online type remembered for the block's event."""
+        the online type remembered for the block's event.
+
+        Raises :class:`HotplugLockBusy` (retry later, as for ``mem_hotplug_lock``) while
+        a virtio-mem work holds its ``hotplug_mutex`` over the block and the write would
+        change its state: the kernel's writer blocks in the driver's memory notifier
+        until the work drops it (as :meth:`online_block` / :meth:`offline_block` wait).
+        """
+        if self._driver_mutex_held(block_id) and self._state_write_changes(block_id, value):
+            raise HotplugLockBusy(f"memory{block_id}: virtio_mem hotplug_mutex held by its work")
         if value.strip() != "offline":
             self._online_types[block_id] = value.strip()
         try:
@@ -418,6 +428,16 @@ class GuestVm:
             d.hotplug_mutex_owner == "wq" and d.start_pfn <= block.start_pfn < d.end_pfn
             for d in self.virtio_mem
         )
+
+    def _state_write_changes(self, block_id: int, value: str) -> bool:
+        """A ``memoryN/state`` write of ``value`` would reach the memory notifiers (a
+        valid online type for an offline block, ``offline`` for an online one)."""
+        block = self.mm.blocks.get(block_id)
+        if block is None or not any(sysfs_streq(value, t) for t in ONLINE_TYPES):
+            return False
+        if sysfs_streq(value, MMOP_OFFLINE):
+            return block.state == STATE_ONLINE
+        return block.state == STATE_OFFLINE
 
     def _check_block(self, block_id: int) -> None:
         """No ``memoryN`` directory: the write fails to open it (-ENOENT), as in sysfs."""

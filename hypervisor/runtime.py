@@ -13,7 +13,11 @@ guest attaches on the VirtioMem channel (:meth:`Hypervisor.attach_virtio`), each
 is answered at once with the device's config after it, :meth:`Hypervisor.resize` sends
 the config interrupt, the device's events go to the same hub, and its snapshot goes to
 the state file whenever the plugged or requested size changes. Its DM session exists
-but stays idle: DM commands and DM attaches are refused.
+but stays idle: DM commands and DM attaches are refused. The first request on a new
+stream that equals the last one the device acknowledged (kept with the snapshot), its
+effect still in place, is the guest re-sending a request whose answer the old stream
+lost: the ACK is replayed with the config now, nothing is applied twice and nothing new
+is published.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from hypervisor.vm import VmConfig
 from memhp import dm, wire
 from memhp import virtio_mem as vmem
 from memhp.logs import get_logger
+from memhp.units import PAGE_SHIFT
 from memhp.v1 import dm_pb2, virtio_mem_pb2
 from memhp.virtio_mem import VirtioMemProtocolError
 
@@ -252,6 +257,11 @@ class VmHandle:
     device: VirtioMemDevice | None = None
     #: Messages for the attached virtio-mem stream (None ends it); None while detached.
     device_outbox: asyncio.Queue[virtio_mem_pb2.DeviceToGuest | None] | None = None
+    #: The last request the device acknowledged (it changed the plugged state), kept in
+    #: the device's state-file row: re-sent first on a new stream, it is replayed.
+    device_last_ack: vmem.VirtioMemRequest | None = None
+    #: No request has been read from the attached virtio-mem stream yet.
+    device_stream_fresh: bool = False
 
     @property
     def vm_id(self) -> str:
@@ -289,6 +299,54 @@ def config_to_pb(config: vmem.VirtioMemConfig) -> virtio_mem_pb2.VirtioMemConfig
         plugged_size=config.plugged_size,
         requested_size=config.requested_size,
     )
+
+
+#: The key of the device's state-file row holding :attr:`VmHandle.device_last_ack`.
+LAST_ACK_KEY: Final = "last_ack"
+#: Requests that change the plugged state (a replay is only needed for those).
+_STATE_CHANGING: Final = frozenset({vmem.PLUG, vmem.UNPLUG, vmem.UNPLUG_ALL})
+
+
+def device_row(handle: VmHandle) -> dict[str, object]:
+    """The device's state-file row: its snapshot plus the last acknowledged request."""
+    assert handle.device is not None
+    row: dict[str, object] = dict(handle.device.snapshot())
+    last = handle.device_last_ack
+    if last is not None:
+        row[LAST_ACK_KEY] = {"type": int(last.type), "addr": last.addr, "nb_blocks": last.nb_blocks}
+    return row
+
+
+def last_ack_from_data(data: dict[str, object]) -> vmem.VirtioMemRequest | None:
+    """The last acknowledged request of a state-file row (None: none); ValueError if bad."""
+    raw = data.get(LAST_ACK_KEY)
+    if raw is None:
+        return None
+    fields = ("type", "addr", "nb_blocks")
+    if not isinstance(raw, dict) or not all(
+        isinstance(raw.get(k), int) and not isinstance(raw.get(k), bool) for k in fields
+    ):
+        raise ValueError(f"{LAST_ACK_KEY}: must be {{type, addr, nb_blocks}} integers, got {raw!r}")
+    try:
+        req = vmem.VirtioMemRequest(
+            vmem.VirtioMemReqType(raw["type"]), raw["addr"], raw["nb_blocks"]
+        )
+    except (ValueError, VirtioMemProtocolError) as err:
+        raise ValueError(f"{LAST_ACK_KEY}: {err}") from None
+    if req.type not in _STATE_CHANGING:
+        raise ValueError(f"{LAST_ACK_KEY}: {req.name} does not change the plugged state")
+    return req
+
+
+def _still_applied(device: VirtioMemDevice, req: vmem.VirtioMemRequest) -> bool:
+    """The device's memory is as ``req`` left it (nothing, a reset say, undid it since)."""
+    if req.type == vmem.UNPLUG_ALL:
+        return device.plugged_size == 0
+    start = req.addr >> PAGE_SHIFT
+    end = (req.addr + req.nb_blocks * device.block_size) >> PAGE_SHIFT
+    if req.type == vmem.PLUG:
+        return device.plugged.covers(start, end)
+    return device.plugged.disjoint(start, end)
 
 
 def _txn_region(session: DmHostSession) -> HotAddRegion | None:
@@ -330,6 +388,7 @@ class Hypervisor:
             if handle.device is not None and stored.device is not None:
                 try:
                     handle.device.restore(stored.device)
+                    handle.device_last_ack = last_ack_from_data(stored.device)
                 except ValueError as err:
                     # As for a DM snapshot: a state file that does not fit is not guessed at.
                     raise StateFileError(
@@ -378,7 +437,7 @@ class Hypervisor:
         self.store.add_vm(config, policy.as_data())
         handle.writer.save(handle.session, check_all=True)
         if handle.device is not None:
-            self.store.write_device(config.vm_id, handle.device.snapshot())
+            self.store.write_device(config.vm_id, device_row(handle))
         self.vms[config.vm_id] = handle
         self._publish(
             handle,
@@ -616,6 +675,7 @@ class Hypervisor:
         handle.touched = True
         handle.epoch += 1
         handle.device_outbox = asyncio.Queue()
+        handle.device_stream_fresh = True
         handle.guest_address = guest_address
         cfg = handle.config
         handle.send_device(
@@ -660,6 +720,7 @@ class Hypervisor:
         device = handle.device
         assert device is not None
         handle.frames_received += 1
+        first_on_stream, handle.device_stream_fresh = handle.device_stream_fresh, False
         request: vmem.VirtioMemRequest | None = None
         if req.type not in tuple(vmem.VirtioMemReqType):
             kind, message = (
@@ -678,6 +739,7 @@ class Hypervisor:
             # the emulator answers ERROR, records why, and carries on.
             violation = ProtocolViolation(kind, message)
             device.protocol_errors.append(violation)
+            handle.device_last_ack = None
             response = vmem.VirtioMemResponse(vmem.ERROR)
             self._answer(handle, response)
             self.publish_device_events(
@@ -685,7 +747,25 @@ class Hypervisor:
                 [HostEvent("protocol_error", {**violation.as_data(), "action": "answered"})],
             )
             return
+        if (
+            first_on_stream
+            and request == handle.device_last_ack
+            and _still_applied(device, request)
+        ):
+            # The guest re-sends the request in flight when the stream broke: this one
+            # was applied and acknowledged, only the answer was lost. As a virtqueue
+            # would, the device answers it once: the ACK again, with the config now.
+            handle.log.info(
+                "virtio_mem_replayed",
+                request=request.name,
+                addr=request.addr,
+                nb_blocks=request.nb_blocks,
+            )
+            self._answer(handle, vmem.VirtioMemResponse(vmem.ACK))
+            return
         response = device.request(request, handle.now())
+        changed = request.type in _STATE_CHANGING and response.type == vmem.ACK
+        handle.device_last_ack = request if changed else None
         self._answer(handle, response)
         try:
             loop = asyncio.get_running_loop()
@@ -756,7 +836,7 @@ class Hypervisor:
                 event.data.setdefault("action", "answered")
         self._publish_all(handle, events)
         if handle.device is not None and any(e.kind in _DEVICE_CHANGES for e in events):
-            self.store.write_device(handle.vm_id, handle.device.snapshot())
+            self.store.write_device(handle.vm_id, device_row(handle))
 
     # -- after every step --------------------------------------------------------
 

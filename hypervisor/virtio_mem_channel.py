@@ -6,7 +6,9 @@ layout and the device's config space, then the guest's requests are answered in 
 against what is plugged, and a ``Control.Resize`` arrives as ``config_changed``. A
 reader task hands guest messages to :class:`~hypervisor.runtime.Hypervisor`; this
 handler writes the VM's device outbox, so answers and config changes go out in order
-through one writer. When the stream ends the device stays, with what is plugged.
+through one writer. When the stream ends the device stays, with what is plugged; a
+request re-sent first on the next stream after the device applied it gets its ACK again
+(:meth:`~hypervisor.runtime.Hypervisor.virtio_request`), not a second application.
 
 Refusals abort the call: NOT_FOUND (no such VM), FAILED_PRECONDITION (not a virtio-mem
 VM, or the first message is not attach), ALREADY_EXISTS (a guest is attached),

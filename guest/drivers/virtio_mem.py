@@ -35,7 +35,9 @@ offlining leaves the managed count of PageOffline pages alone, 6.11+):
   blocks right to left then ``remove_memory``; online blocks by
   ``alloc_contig_range`` fake-offlining, whole block first then single subblocks,
   busy ones skipped, ``offline_and_remove_memory`` once empty), BBM plug and unplug
-  (offline big blocks first, then Movable ones, then any; ``bbm_safe_unplug``).
+  (offline big blocks first, then Movable ones, then any; ``bbm_safe_unplug``). As in
+  ``virtio_mem_offline_and_remove_memory``, a failed offline-and-remove is -ENOMEM or
+  else -EBUSY: a notifier's veto skips the block (retried later), never breaks the device.
 * ``virtio_mem_online_page_cb`` (plugged subblocks to ``generic_online_page``,
   unplugged ones kept fake-offline, marked "never onlined" as the kernel does with
   PageDirty) and the memory notifier (GOING_ONLINE refuses blocks not OFFLINE or
@@ -730,7 +732,15 @@ class VirtioMem:
                 yield Sleep(LOCK_POLL_SECONDS)
             except MemoryHotplugError as err:
                 self._event("offline_and_remove_failed", addr=addr, size=size, rc=-err.errno)
-                return -err.errno
+                # Not expected (everything was fake-offlined), but a notifier may veto:
+                # the kernel reports any failure but -ENOMEM as -EBUSY (skip, retry later).
+                if err.errno not in (ENOMEM, EBUSY):
+                    self._event(
+                        "warning",
+                        message=f"offline_and_remove_memory failed with {-err.errno} "
+                        "(neither -ENOMEM nor -EBUSY)",
+                    )
+                return -ENOMEM if err.errno == ENOMEM else -EBUSY
         self.offline_size -= size
         self._retry()
         return 0

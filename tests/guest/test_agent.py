@@ -26,6 +26,7 @@ import structlog
 from structlog.testing import capture_logs
 
 from guest.agent import (
+    SYSFS_MIN_INTERVAL,
     AccessBatcher,
     AgentOptions,
     GuestAgent,
@@ -34,6 +35,7 @@ from guest.agent import (
     memory_state,
     pressure_report_calls,
 )
+from guest.kernel import Sleep
 from guest.mm.pages import PAGE_OFFLINE
 from guest.sysfs import write_sysfs_tree
 from guest.workload import WorkloadSpec
@@ -486,3 +488,68 @@ async def test_sysfs_tree_follows_changes_at_most_every_100_ms(
         await wait_until(lambda: state.read_text() == "online\n", what="memory8 online in sysfs")
         gaps = [b - a for a, b in itertools.pairwise(writes)]
         assert all(g >= 0.095 for g in gaps), gaps
+
+
+def test_an_inline_answer_wakes_the_pump_only_for_something_due_before_it(
+    tmp_path: Path,
+) -> None:
+    agent = GuestAgent(options(sysfs_dir=tmp_path), FakeTransport())
+    agent._build(Layout("vm1", CONFIG.boot_pages, CONFIG.max_pages, CONFIG.block_pages))
+    vm = agent.vm
+    assert vm is not None and vm.next_deadline() is None
+
+    def woken() -> bool:
+        was = agent._wake.is_set()
+        agent._wake.clear()
+        return was
+
+    # The pump wrote sysfs at 1.0; a change answered inline waits for the 100 ms limit,
+    # and the pump already sleeps until then: no wake-up per answer.
+    agent._sysfs_written_at, agent._sysfs_dirty = 1.0, True
+    agent._pump_wakes_at = 1.0 + SYSFS_MIN_INTERVAL
+    agent._wake_if_sooner()
+    assert not woken()
+    # A pump asleep until woken (or later than the rewrite) is woken for it.
+    for later in (None, 5.0):
+        agent._pump_wakes_at = later
+        agent._wake_if_sooner()
+        assert woken()
+    # A rewrite the limit allows now is due now.
+    agent._pump_wakes_at, agent._sysfs_written_at = 5.0, -1.0
+    agent._wake_if_sooner()
+    assert woken()
+    # Nothing to do: the pump sleeps on.
+    agent._sysfs_dirty, agent._pump_wakes_at = False, None
+    agent._wake_if_sooner()
+    assert not woken()
+
+    # A guest timer before the pump's wake-up wakes it; one after does not.
+    def timer() -> Any:
+        yield Sleep(2.0)
+
+    vm.scheduler.spawn("timer", timer())
+    vm.run_until(0.0)
+    assert vm.next_deadline() == 2.0
+    agent._pump_wakes_at = 3.0
+    agent._wake_if_sooner()
+    assert woken()
+    agent._pump_wakes_at = 2.0
+    agent._wake_if_sooner()
+    assert not woken()
+
+
+async def test_a_dm_frame_is_delivered_under_the_step_lock() -> None:
+    transport = FakeTransport()
+    agent = GuestAgent(options(udev_online="online_movable"), transport)
+    async with running(agent):
+        host = await next_host(transport)
+        await host.negotiated()
+        received = agent.frames_received
+        async with agent._step_lock:  # a step in progress (the pump's)
+            host.send(host.session.hot_add(BLOCK, BLOCK, time.monotonic()))
+            await asyncio.sleep(0.05)
+            # Not delivered while the step runs: frames reach the guest one step at a time.
+            assert agent.frames_received == received
+            assert agent.vm is not None and not agent.vm.driver.ha_regions
+        await wait_until(lambda: host.of(dm.HotAddResponse), what="hot-add response")
+        assert agent.frames_received == received + 1

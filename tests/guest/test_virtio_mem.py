@@ -7,6 +7,7 @@ and checks the invariants of both sides as it goes.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import errno
 import itertools
@@ -24,8 +25,9 @@ from guest.drivers.virtio_mem import (
     VirtioMemProbeError,
     bit_runs,
 )
+from guest.introspection import set_block_state
 from guest.mm.errors import MemoryHotplugError
-from guest.mm.memory import MemoryBlock
+from guest.mm.memory import HotplugLockBusy, MemoryBlock
 from guest.mm.notifier import MEM_GOING_OFFLINE, NOTIFY_BAD, MemoryAction, MemoryNotify
 from guest.mm.pages import ALLOCATED, BUDDY, PAGE_OFFLINE
 from guest.virtio_mem_invariants import check_virtio_mem
@@ -549,6 +551,34 @@ def test_user_onlining_waits_for_the_work_holding_the_mutex() -> None:
     r.assert_clean()
 
 
+async def test_sysfs_state_write_waits_for_the_work_holding_the_mutex() -> None:
+    r = rig(auto_online="offline")
+    r.resize(200 * MIB)
+    change = r.device.resize(300 * MIB, r.guest.now)
+    r.guest.virtio_config_changed(change.config)
+    (req,) = r.step_once()
+    assert isinstance(req, VirtioMemRequest)
+    assert r.driver.hotplug_mutex_owner == "wq"
+    # The write would block in the driver's notifier: retried, as for mem_hotplug_lock.
+    with pytest.raises(HotplugLockBusy):
+        r.guest.write_block_state(FIRST + 1, "online_movable")
+    # One that never reaches the notifiers fails at once, as it would.
+    with pytest.raises(MemoryHotplugError) as exc:
+        r.guest.write_block_state(FIRST + 1, "offline")
+    assert exc.value.errno == errno.EINVAL
+    write = asyncio.create_task(set_block_state(r.guest, FIRST + 1, "online_movable"))
+    await asyncio.sleep(0.02)
+    assert not write.done()
+    assert r.mm.blocks[FIRST + 1].state == "offline"
+    r.answer(req)
+    r.pump()
+    block = await asyncio.wait_for(write, 1.0)
+    assert (block.state, block.zone) == ("online", "Movable")
+    assert r.state(FIRST + 1) == "movable"
+    assert r.device.plugged_size == 300 * MIB
+    r.assert_clean()
+
+
 # -- BBM ---------------------------------------------------------------------------------
 
 
@@ -606,6 +636,37 @@ def test_force_bbm_with_small_device_blocks() -> None:
     assert r.driver.block_states() == {FIRST: "added", FIRST + 1: "added"}
     r.resize(128 * MIB)
     assert r.driver.block_states() == {FIRST: "added", FIRST + 1: "unused"}
+    r.assert_clean()
+
+
+@pytest.mark.parametrize("err", [errno.EPERM, errno.EINVAL, errno.EBUSY])
+def test_bbm_vetoed_offline_skips_the_big_block_and_does_not_break_the_device(err: int) -> None:
+    # virtio_mem_offline_and_remove_memory: any failure but -ENOMEM is -EBUSY.
+    r = rig(block_size=2 * MB)
+    assert r.driver.mode == "bbm"
+    r.resize(4 * MB)
+    assert r.driver.block_states() == {FIRST // 2: "added", FIRST // 2 + 1: "added"}
+    r.guest.inject_notifier_error("MEM_GOING_OFFLINE", err, count=1)
+    r.resize(2 * MB)
+    # The highest big block was vetoed and skipped; the next one went instead.
+    assert [e["block"] for e in r.kinds("big_block_busy")] == [FIRST // 2 + 1]
+    assert not r.driver.broken
+    assert r.kinds("wq_done")[-1]["rc"] == 0
+    assert r.driver.block_states() == {FIRST // 2: "unused", FIRST // 2 + 1: "added"}
+    assert r.device.plugged_size == 2 * MB
+    r.assert_clean()
+    # Vetoed every time: -EBUSY, the retry timer, never broken; then it goes through.
+    r.guest.inject_notifier_error("MEM_GOING_OFFLINE", err)
+    r.resize(0)
+    assert not r.driver.broken
+    assert r.kinds("wq_done")[-1]["rc"] == -errno.EBUSY
+    assert r.driver.retry_timer_deadline is not None
+    assert r.device.plugged_size == 2 * MB
+    r.guest.error_inject.set(MemoryAction.MEM_GOING_OFFLINE, 0)
+    r.advance(VIRTIO_MEM_RETRY_TIMER_MIN_MS / 1000)
+    assert not r.driver.broken
+    assert r.device.plugged_size == 0
+    assert r.driver.block_states() == {FIRST // 2: "unused", FIRST // 2 + 1: "unused"}
     r.assert_clean()
 
 

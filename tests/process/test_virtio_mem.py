@@ -367,6 +367,75 @@ async def test_a_hostile_guest_gets_answers_and_the_session_carries_on(hv: HvPro
     device.close()
 
 
+async def _detached(hv: HvProcess, vm_id: str) -> bool:
+    return not (await hv.get_vm(vm_id)).attached
+
+
+async def _lose_the_answer(hv: HvProcess, vm_id: str, type_: int, addr: int, nb: int) -> None:
+    """Send a request, let the device apply it, drop the stream before the answer is read."""
+    device = RawDevice(hv, vm_id)
+    await device.attach()
+    before = (await hv.get_vm(vm_id)).virtio_mem.plugged_bytes
+    await device.call.write(
+        virtio_mem_pb2.GuestToDevice(
+            request=virtio_mem_pb2.VirtioMemRequest(type=type_, addr=addr, nb_blocks=nb)
+        )
+    )
+    await wait_until(
+        lambda: _changed(hv, vm_id, before), what="the request applied", timeout=RECV_TIMEOUT
+    )
+    device.close()
+    await wait_until(partial(_detached, hv, vm_id), what="detach", timeout=RECV_TIMEOUT)
+
+
+async def _changed(hv: HvProcess, vm_id: str, before: int) -> bool:
+    return (await hv.get_vm(vm_id)).virtio_mem.plugged_bytes != before
+
+
+async def test_a_request_resent_after_its_answer_was_lost_is_replayed(
+    start_hypervisor: StartHypervisor, tmp_path: Path
+) -> None:
+    state = tmp_path / "hv.sqlite"
+    hv = await start_hypervisor("--no-default-vm", state=state)
+    await create_virtio_vm(hv, "v", requested=8 * MIB, addr=4 * GIB)
+    base = 4 * GIB
+    await _lose_the_answer(hv, "v", PLUG, base, 2)
+    async with watching(hv, ("v",), ("protocol_error", "size_change")) as w:
+        device = RawDevice(hv, "v")
+        await device.attach()
+        # The guest re-sends its request in flight: the answer, not a second plug.
+        resp = await device.request(PLUG, base, 2)
+        assert resp.type == ACK and resp.config.plugged_size == 4 * MIB
+        # Only the first request of a stream is a resend: later the device applies it.
+        assert (await device.request(PLUG, base, 2)).type == ERROR
+        await w.wait_for(lambda e: e.kind == "protocol_error")
+        assert [e.kind for e in w.events] == ["protocol_error"]
+        # A different first request on a new stream is applied as usual.
+        device.close()
+        await wait_until(partial(_detached, hv, "v"), what="detach", timeout=RECV_TIMEOUT)
+        device = RawDevice(hv, "v")
+        await device.attach()
+        ok = await device.request(PLUG, base + 4 * MIB, 1)
+        assert ok.type == ACK and ok.config.plugged_size == 6 * MIB
+        device.close()
+        await wait_until(partial(_detached, hv, "v"), what="detach", timeout=RECV_TIMEOUT)
+    vm = await hv.get_vm("v")
+    assert vm.virtio_mem.plugged_bytes == 6 * MIB and vm.virtio_mem.protocol_errors == 1
+
+    # The last acknowledged request outlives a hypervisor restart (the device's row).
+    await _lose_the_answer(hv, "v", UNPLUG, base + 4 * MIB, 1)
+    address = hv.address
+    assert await hv.stop() == 0
+    hv2 = await start_hypervisor("--no-default-vm", "--listen", address, state=state)
+    device = RawDevice(hv2, "v")
+    await device.attach()
+    resp = await device.request(UNPLUG, base + 4 * MIB, 1)
+    assert resp.type == ACK and resp.config.plugged_size == 4 * MIB
+    device.close()
+    vm = await hv2.get_vm("v")
+    assert vm.virtio_mem.plugged_bytes == 4 * MIB and vm.virtio_mem.protocol_errors == 0
+
+
 async def test_restart_on_the_state_file_keeps_plugged_memory(
     start_hypervisor: StartHypervisor, tmp_path: Path
 ) -> None:
