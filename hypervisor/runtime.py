@@ -111,6 +111,24 @@ def check_vm_id(vm_id: str) -> None:
         )
 
 
+#: HOST:PORT, the host a name or an address (IPv6 in brackets), as watchers dial it.
+_ADDRESS = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):([0-9]{1,5})$")
+
+
+def check_guest_address(address: str) -> None:
+    """The introspection address a guest announces: empty, or HOST:PORT."""
+    if not address:
+        return
+    m = _ADDRESS.match(address)
+    if len(address) > 255 or m is None or not 0 < int(m.group(2)) < 65536:
+        raise ServiceError(
+            "invalid_argument",
+            "introspection_address",
+            f"must be empty or HOST:PORT (at most 255 characters, port 1-65535), "
+            f"got {address[:80]!r}",
+        )
+
+
 @dataclass(frozen=True)
 class PublishedEvent:
     timestamp: float
@@ -469,6 +487,7 @@ class Hypervisor:
     def attach(self, vm_id: str, state: GuestState | None, guest_address: str = "") -> VmHandle:
         """A guest opened a channel; its outbox starts with ``attached``."""
         check_vm_id(vm_id)
+        check_guest_address(guest_address)
         handle = self.vms.get(vm_id)
         created = False
         if handle is None:
@@ -659,6 +678,7 @@ class Hypervisor:
     def attach_virtio(self, vm_id: str, guest_address: str = "") -> VmHandle:
         """A guest opened its virtio-mem device's stream; its outbox starts with ``attached``."""
         check_vm_id(vm_id)
+        check_guest_address(guest_address)
         handle = self.get(vm_id)
         device = handle.device
         if device is None:

@@ -60,7 +60,7 @@ from typing import Any
 from extents import RangeSet
 from hypervisor.errors import HostCommandError
 from hypervisor.events import HostEvent, ProtocolViolation
-from memhp.units import MiB, is_power_of_two
+from memhp.units import PAGE_SHIFT, MiB, align_up, is_power_of_two
 from memhp.virtio_mem import (
     ACK,
     BUSY,
@@ -90,7 +90,6 @@ __all__ = [
     "VirtioMemDevice",
 ]
 
-PAGE_SHIFT = 12
 _U64 = (1 << 64) - 1
 #: QEMU: blocks smaller than 1 MiB are refused (to keep the bitmap small).
 VIRTIO_MEM_MIN_BLOCK_SIZE = 1 * MiB
@@ -401,7 +400,7 @@ class VirtioMemDevice:
     def _resize_usable_region(self, requested: int, *, can_shrink: bool) -> None:
         """``virtio_mem_resize_usable_region``."""
         new = min(self.region_size, requested + VIRTIO_MEM_USABLE_EXTENT)
-        new = -(-new // self.block_size) * self.block_size
+        new = align_up(new, self.block_size)
         if not requested:
             new = 0
         if new < self.usable_region_size and not can_shrink:

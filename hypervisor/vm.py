@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from memhp.dm import MAX_START_PAGE
-from memhp.units import GiB, MiB, is_power_of_two
+from memhp.units import PAGE_SHIFT, GiB, MiB, align_up, is_power_of_two
 from memhp.virtio_mem import VirtioMemConfig
 
 #: 128 MiB: the x86 memory block size, and the smallest hot-add chunk Linux uses.
@@ -32,7 +32,7 @@ def default_virtio_mem_addr(max_bytes: int, block_bytes: int, device_block: int)
     window included), aligned to max(1 GiB, the memory block, the device block), as the
     scenario format places it."""
     align = max(GiB, block_bytes, device_block)
-    return -(-max_bytes // align) * align
+    return align_up(max_bytes, align)
 
 
 @dataclass(frozen=True)
@@ -128,10 +128,10 @@ class VmConfig:
             raise ValueError("virtio_mem is required with protocol virtio-mem")
         if self.protocol != VIRTIO_MEM and self.virtio_mem is not None:
             raise ValueError(f"virtio_mem needs protocol virtio-mem, this VM has {self.protocol}")
-        if self.virtio_mem is not None and self.virtio_mem.addr < self.max_pages << 12:
+        if self.virtio_mem is not None and self.virtio_mem.addr < self.max_pages << PAGE_SHIFT:
             raise ValueError(
                 f"virtio_mem.addr must not overlap the VM's memory (below "
-                f"{self.max_pages << 12:#x}), got {self.virtio_mem.addr:#x}"
+                f"{self.max_pages << PAGE_SHIFT:#x}), got {self.virtio_mem.addr:#x}"
             )
 
     @property

@@ -85,7 +85,8 @@ class GrpcSource:
         self.timeout = timeout
         self.channel = grpc.aio.insecure_channel(hypervisor)
         self.control: Any = control_pb2_grpc.ControlStub(self.channel)
-        self._guest_channels: dict[str, grpc.aio.Channel] = {}
+        #: One channel per VM, to the address its guest announced last.
+        self._guest_channels: dict[str, tuple[str, grpc.aio.Channel]] = {}
         #: Set once the hypervisor has the event subscription (cleared while it is broken).
         self.subscribed = asyncio.Event()
         fleet.source = f"hypervisor {hypervisor}"
@@ -97,15 +98,23 @@ class GrpcSource:
         await self.close()
 
     async def close(self) -> None:
-        for channel in [*self._guest_channels.values(), self.channel]:
+        for channel in [*(c for _, c in self._guest_channels.values()), self.channel]:
             with contextlib.suppress(Exception):
                 await channel.close(None)
         self._guest_channels.clear()
 
-    def _guest(self, address: str) -> Any:
-        channel = self._guest_channels.get(address)
-        if channel is None:
-            channel = self._guest_channels[address] = grpc.aio.insecure_channel(address)
+    async def _guest(self, vm_id: str, address: str) -> Any:
+        """The VM's guest at ``address``; a guest that moved (a restart on another port)
+        gets a new channel and the old one is closed, so a long watch does not pile them up."""
+        known = self._guest_channels.get(vm_id)
+        if known is not None and known[0] == address:
+            channel = known[1]
+        else:
+            if known is not None:
+                with contextlib.suppress(Exception):
+                    await known[1].close(None)
+            channel = grpc.aio.insecure_channel(address)
+            self._guest_channels[vm_id] = (address, channel)
         return guest_pb2_grpc.GuestIntrospectionStub(channel)
 
     # -- polling ---------------------------------------------------------------------------
@@ -136,7 +145,8 @@ class GrpcSource:
             self.fleet.apply_host_map(vm, f"{why}: the host's backing, not the guest's blocks")
             return
         try:
-            memory = await self._guest(address).GetMemory(memory_request(vm), timeout=self.timeout)
+            guest = await self._guest(vm_id, address)
+            memory = await guest.GetMemory(memory_request(vm), timeout=self.timeout)
         except grpc.aio.AioRpcError as err:
             self.fleet.apply_host_map(
                 vm,

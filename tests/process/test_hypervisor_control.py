@@ -289,6 +289,19 @@ async def test_connect_rules(hv: HvProcess, guests: list[FakeGuest]) -> None:
     vm = await wait_vm(hv, "dup", lambda v: v.regions and v.regions[0].added_pages)
     assert vm.attached and vm.actual_bytes == 4 * GIB + 128 * MIB
 
+    # An introspection address that is not HOST:PORT is refused; nothing is made.
+    for bad in ("no-port", "host:0", "host:99999", "a b:1", "x" * 300 + ":1"):
+        call = hv.dm.Connect()
+        await call.write(
+            dm_pb2.GuestToHost(attach=dm_pb2.Attach(vm_id="addr", introspection_address=bad))
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call.read()
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, bad
+        assert (err.value.details() or "").startswith("introspection_address: "), bad
+    listed = await hv.control.ListVms(control_pb2.ListVmsRequest())
+    assert "addr" not in [v.spec.vm_id for v in listed.vms]
+
 
 async def wait_vm(
     hv: HvProcess, vm_id: str, predicate: Callable[[control_pb2.Vm], Any], timeout: float = 5.0
