@@ -19,10 +19,12 @@ max(1 GiB, the memory block, the device block); ``block_size`` to 2M.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import yaml
 
+from hypervisor.errors import HostCommandError
+from hypervisor.virtio_mem_host import VirtioMemDevice
 from hypervisor.vm import (
     DEFAULT_VIRTIO_MEM_BLOCK,
     HYPERV_DM,
@@ -32,6 +34,7 @@ from hypervisor.vm import (
     default_virtio_mem_addr,
 )
 from memhp.units import PAGE_SHIFT, SizeError, parse_pages, parse_size
+from memhp.virtio_mem import VirtioMemProtocolError
 
 _KEYS = {"vm_id", "id", "boot_memory", "max_memory", "block_size", "protocol", "virtio_mem"}
 _VIRTIO_KEYS = {"region_size", "block_size", "requested", "addr", "node_id"}
@@ -126,13 +129,26 @@ def _virtio_settings(raw: Any, pages: dict[str, int], what: str) -> VirtioMemSet
         addr = default_virtio_mem_addr(
             pages["max_memory"] << PAGE_SHIFT, pages["block_size"] << PAGE_SHIFT, block
         )
-    return VirtioMemSettings(
+    settings = VirtioMemSettings(
         region_size=sizes["region_size"],
         addr=addr,
         block_size=block,
         requested=sizes.get("requested", 0),
         node_id=node,
     )
+    # The device's own rules (QEMU's), reported under the keys of this file.
+    try:
+        VirtioMemDevice(settings.device_config())
+    except HostCommandError as err:
+        key = _DEVICE_KEYS.get(err.field, err.field)
+        raise ConfigError(f"{what}.{key}: {err.message}") from None
+    except VirtioMemProtocolError as err:
+        raise ConfigError(f"{what}: {err}") from None
+    return settings
+
+
+#: The device's field names, as this file spells them.
+_DEVICE_KEYS: Final = {"requested_size": "requested"}
 
 
 def load_vms(path: str | Path, *, default_block_pages: int) -> list[VmConfig]:

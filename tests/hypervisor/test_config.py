@@ -91,6 +91,18 @@ def test_a_virtio_mem_vm_with_its_device() -> None:
             "virtio_mem.addr must not overlap the VM's memory",
         ),
         ("protocol: xen", "protocol must be one of hyperv-dm, virtio-mem, got 'xen'"),
+        (
+            "protocol: virtio-mem\n  virtio_mem: {region_size: 1G, requested: 3M}",
+            "vms[0].virtio_mem.requested: ",
+        ),
+        (
+            "protocol: virtio-mem\n  virtio_mem: {region_size: 1G, block_size: 3M}",
+            "vms[0].virtio_mem.block_size: ",
+        ),
+        (
+            "protocol: virtio-mem\n  virtio_mem: {region_size: 99999999T}",
+            "vms[0].virtio_mem",
+        ),
     ],
 )
 def test_virtio_mem_entry_errors_name_the_key(entry: str, message: str) -> None:
