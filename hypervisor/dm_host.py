@@ -186,6 +186,10 @@ class DmHostSession:
         return tuple(self._truth.regions)
 
     @property
+    def hot_add_backed_pages(self) -> int:
+        return self._truth.hot_add_backed_pages
+
+    @property
     def region_count(self) -> int:
         return len(self._truth.regions)
 

@@ -112,6 +112,7 @@ class GroundTruth:
         # walk every region (a guest grown to 1 TiB in 128 MiB steps has 8,160).
         self._regions_size = 0
         self._regions_end = 0
+        self._hot_add_backed = 0
         self._starts: list[int] = []
         self._by_start: dict[int, HotAddRegion] = {}
 
@@ -121,6 +122,11 @@ class GroundTruth:
     def reserved_pages(self) -> int:
         """Boot memory plus every region's size: what counts against ``max_pages``."""
         return self.config.boot_pages + self._regions_size
+
+    @property
+    def hot_add_backed_pages(self) -> int:
+        """Every page ever backed through hot-add (the regions' ``backed``, summed)."""
+        return self._hot_add_backed
 
     @property
     def current_pages(self) -> int:
@@ -189,7 +195,9 @@ class GroundTruth:
     def back(self, region: HotAddRegion, start: int, end: int) -> None:
         """The host backs ``[start, end)`` of ``region`` (just before it tells the guest)."""
         region.pending.remove(start, end)
+        before = len(region.backed)
         region.backed.add(start, end)
+        self._hot_add_backed += len(region.backed) - before
         self.backed.add(start, end)
 
     def record_added(self, region: HotAddRegion, start: int, end: int) -> None:

@@ -50,7 +50,7 @@ def state_document(
         if txn is None
         else {"kind": txn.kind, "trans_id": txn.trans_id, "pages": txn.pages},
         "regions": s.region_count,
-        "backed_bytes": sum(r.backed_pages for r in s.regions_from(0)) << PAGE_SHIFT,
+        "backed_bytes": s.hot_add_backed_pages << PAGE_SHIFT,
         "guest_address": handle.guest_address,
         "mqtt": dict(mqtt),
         "virtio_mem": None

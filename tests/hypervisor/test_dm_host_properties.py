@@ -229,6 +229,11 @@ class DmHostMachine(RuleBasedStateMachine):
         assert BOOT + sum(r.size for r in host.regions) <= MAX
 
     @invariant()
+    def hot_add_backed_total_is_the_regions_sum(self) -> None:
+        host = self.host
+        assert host.hot_add_backed_pages == sum(r.backed_pages for r in host.regions)
+
+    @invariant()
     def regions_consistent(self) -> None:
         host = self.host
         previous_end = BOOT
