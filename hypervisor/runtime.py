@@ -115,6 +115,16 @@ def check_vm_id(vm_id: str) -> None:
 _ADDRESS = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):([0-9]{1,5})$")
 
 
+def layout_pb(cfg: VmConfig) -> dm_pb2.VmLayout:
+    """What the hypervisor tells a guest of its VM at attach, on either channel."""
+    return dm_pb2.VmLayout(
+        vm_id=cfg.vm_id,
+        boot_pages=cfg.boot_pages,
+        max_pages=cfg.max_pages,
+        block_pages=cfg.block_pages,
+    )
+
+
 def check_guest_address(address: str) -> None:
     """The introspection address a guest announces: empty, or HOST:PORT."""
     if not address:
@@ -521,18 +531,7 @@ class Hypervisor:
         handle.outbox = asyncio.Queue()
         handle.guest_address = guest_address
         cfg = handle.config
-        handle.send(
-            dm_pb2.HostToGuest(
-                attached=dm_pb2.Attached(
-                    layout=dm_pb2.VmLayout(
-                        vm_id=vm_id,
-                        boot_pages=cfg.boot_pages,
-                        max_pages=cfg.max_pages,
-                        block_pages=cfg.block_pages,
-                    )
-                )
-            )
-        )
+        handle.send(dm_pb2.HostToGuest(attached=dm_pb2.Attached(layout=layout_pb(cfg))))
         self._publish(
             handle,
             "attach",
@@ -701,13 +700,7 @@ class Hypervisor:
         handle.send_device(
             virtio_mem_pb2.DeviceToGuest(
                 attached=virtio_mem_pb2.VirtioMemAttached(
-                    layout=dm_pb2.VmLayout(
-                        vm_id=vm_id,
-                        boot_pages=cfg.boot_pages,
-                        max_pages=cfg.max_pages,
-                        block_pages=cfg.block_pages,
-                    ),
-                    config=config_to_pb(device.config),
+                    layout=layout_pb(cfg), config=config_to_pb(device.config)
                 )
             )
         )

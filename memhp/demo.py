@@ -32,7 +32,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import signal
 import sys
 import time
 from pathlib import Path
@@ -45,7 +44,7 @@ from rich.table import Table
 from rich.text import Text
 
 from memhp.mqtt import broker_url_arg
-from memhp.procs import ChildFailed
+from memhp.procs import ChildFailed, sigterm_cancels_this_task
 from memhp.scenario.processes import ProcessRunner, StepProgress, check_supported
 from memhp.scenario.result import StepFailed
 from memhp.scenario.spec import Scenario, ScenarioError, load_scenario
@@ -331,18 +330,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         console = Console(file=sys.stdout, color_system=None, force_terminal=False)
 
     async def main() -> int:
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        handled = False
-        if task is not None:
-            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                loop.add_signal_handler(signal.SIGTERM, task.cancel)
-                handled = True
-        try:
+        with sigterm_cancels_this_task():
             return await demo(args, console, plain_out)
-        finally:
-            if handled:
-                loop.remove_signal_handler(signal.SIGTERM)
 
     try:
         return run_async(main)

@@ -15,6 +15,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,3 +112,21 @@ async def start_child(
             )
             raise ChildFailed(f"{name} {why}:\n{tail}")
         await asyncio.sleep(0.02)
+
+
+@contextlib.contextmanager
+def sigterm_cancels_this_task() -> Iterator[None]:
+    """While inside, SIGTERM cancels the current task (so its ``finally`` stops the
+    children it started); where signal handlers cannot be set, nothing changes."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    handled = False
+    if task is not None:
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(signal.SIGTERM, task.cancel)
+            handled = True
+    try:
+        yield
+    finally:
+        if handled:
+            loop.remove_signal_handler(signal.SIGTERM)

@@ -37,7 +37,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-import signal
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -51,7 +50,13 @@ from google.protobuf import struct_pb2
 from extents import RangeSet
 from guest.introspection import pfn_ranges, write_failure
 from memhp.logs import get_logger
-from memhp.procs import Child, ChildFailed, memhp_command, start_child
+from memhp.procs import (
+    Child,
+    ChildFailed,
+    memhp_command,
+    sigterm_cancels_this_task,
+    start_child,
+)
 from memhp.scenario.result import (
     Finding,
     StepFailed,
@@ -826,22 +831,14 @@ async def run_processes(
     runner = ProcessRunner(
         scenario, seed=seed, log_dir=log_dir, sysfs_out=sysfs_out, timeline=timeline
     )
-    loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
-    handled = False
-    if task is not None:
-        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.add_signal_handler(signal.SIGTERM, task.cancel)
-            handled = True
-    try:
-        await runner.start()
-        return await runner.play()
-    except (ChildFailed, StepFailed, OSError) as err:
-        return runner.partial_result(f"{type(err).__name__}: {err}")
-    finally:
-        if handled:
-            loop.remove_signal_handler(signal.SIGTERM)
-        await runner.stop()
+    with sigterm_cancels_this_task():
+        try:
+            await runner.start()
+            return await runner.play()
+        except (ChildFailed, StepFailed, OSError) as err:
+            return runner.partial_result(f"{type(err).__name__}: {err}")
+        finally:
+            await runner.stop()
 
 
 __all__ = [
