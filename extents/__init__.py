@@ -90,7 +90,18 @@ class RangeMap(Generic[V]):
         return sum(e - s for s, e, v in self.runs(start, end) if v == value)
 
     def all_equal(self, start: int, end: int, value: V) -> bool:
-        return all(v == value for _, _, v in self.runs(start, end))
+        if start >= end:
+            return True
+        self._check(start, end)
+        starts, values = self._starts, self._values
+        i = bisect_right(starts, start) - 1
+        n = len(starts)
+        while True:
+            if values[i] != value:
+                return False
+            i += 1
+            if i >= n or starts[i] >= end:
+                return True
 
     # -- writing ---------------------------------------------------------------
 
@@ -98,38 +109,47 @@ class RangeMap(Generic[V]):
         """Give every PFN in ``[start, end)`` the value ``value``."""
         if start >= end:
             return
-        self._check(start, end)
+        if start < 0 or end > self.limit:
+            self._check(start, end)
         starts, values, totals = self._starts, self._values, self._totals
-        i = self._index(start)
-        j = self._index(end - 1)
+        n = len(starts)
+        i = bisect_right(starts, start) - 1
+        j = bisect_right(starts, end - 1, i) - 1
         # Account the pages that change value.
-        for k in range(i, j + 1):
-            run_start = max(starts[k], start)
-            run_end = min(self._run_end(k), end)
-            totals[values[k]] -= run_end - run_start
+        if i == j:
+            old = values[i]
+            if old == value:
+                return  # inside one run that already holds it: nothing changes
+            totals[old] -= end - start
+        else:
+            totals[values[i]] -= starts[i + 1] - start
+            for k in range(i + 1, j):
+                totals[values[k]] -= starts[k + 1] - starts[k]
+            totals[values[j]] -= end - starts[j]
         totals[value] = totals.get(value, 0) + (end - start)
-        # Rebuild runs lo..hi-1 (one neighbour on each side, so merges happen here).
-        lo = max(i - 1, 0)
-        hi = min(j + 2, len(starts))
+        # Rebuild runs lo..hi-1: the runs i..j and one neighbour on each side, so that
+        # merges with equal neighbours happen here. Piece starts strictly increase;
+        # a piece whose value equals the one before it is dropped (merged).
+        lo = i - 1 if i > 0 else 0
+        hi = j + 2 if j + 2 < n else n
         new_starts: list[int] = []
         new_values: list[V] = []
-
-        def emit(s: int, v: V) -> None:
-            # Piece starts are strictly increasing here; only equal values merge.
-            if not new_values or new_values[-1] != v:
-                new_starts.append(s)
-                new_values.append(v)
-
-        for k in range(lo, i):
-            emit(starts[k], values[k])
-        if starts[i] < start:
-            emit(starts[i], values[i])
-        emit(start, value)
-        tail_end = self._run_end(j)
-        if end < tail_end:
-            emit(end, values[j])
-        for k in range(j + 1, hi):
-            emit(starts[k], values[k])
+        if i > 0:
+            new_starts.append(starts[i - 1])
+            new_values.append(values[i - 1])
+        if starts[i] < start and (not new_values or new_values[-1] != values[i]):
+            new_starts.append(starts[i])
+            new_values.append(values[i])
+        if not new_values or new_values[-1] != value:
+            new_starts.append(start)
+            new_values.append(value)
+        tail_end = starts[j + 1] if j + 1 < n else self.limit
+        if end < tail_end and new_values[-1] != values[j]:
+            new_starts.append(end)
+            new_values.append(values[j])
+        if j + 1 < n and new_values[-1] != values[j + 1]:
+            new_starts.append(starts[j + 1])
+            new_values.append(values[j + 1])
         starts[lo:hi] = new_starts
         values[lo:hi] = new_values
 
