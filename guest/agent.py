@@ -446,7 +446,8 @@ class GuestAgent:
         self.frames_received = 0
         self.frames_dropped = 0
         #: Recent guest events, oldest first (the trace of a violation).
-        self.events: deque[str] = deque(maxlen=TRACE_EVENTS)
+        #: The recent events, raw: (guest time, kind, data); :attr:`events` formats them.
+        self._trace: deque[tuple[float, str, dict[str, Any]]] = deque(maxlen=TRACE_EVENTS)
         self._unlogged: list[tuple[str, dict[str, Any]]] = []
         self._link: Link[Any, Any] | None = None
         self._wake = asyncio.Event()
@@ -952,13 +953,21 @@ class GuestAgent:
 
     # -- events ---------------------------------------------------------------------------
 
+    @property
+    def events(self) -> list[str]:
+        """The recent events as trace lines (``t=SECONDS kind key=value, ...``)."""
+        return [f"t={now:.3f} {_describe(kind, data)}" for now, kind, data in self._trace]
+
     def _on_event(self, kind: str, data: dict[str, Any]) -> None:
+        # On the critical path (the hypervisor waits for the answer): keep the event
+        # raw; the trace line is formatted when somebody reads it.
         now = self.vm.now if self.vm is not None else 0.0
-        described = _describe(kind, data)
-        if self.events and self.events[-1] == f"t={now:.3f} {described}":
-            # The driver and the VM both announce a hot-added block: once is enough.
-            return
-        self.events.append(f"t={now:.3f} {described}")
+        if self._trace:
+            last_now, last_kind, last_data = self._trace[-1]
+            if last_kind == kind and last_data == data and f"{last_now:.3f}" == f"{now:.3f}":
+                # The driver and the VM both announce a hot-added block: once is enough.
+                return
+        self._trace.append((now, kind, data))
         fields = {k: v for k, v in data.items() if k not in ("vm", "vm_id", "event")}
         if self.event_sink is not None:
             self.event_sink.on_event(kind, fields)
