@@ -65,14 +65,16 @@ class Geometry:
 def chunk_order(pfn: int, end: int) -> int:
     """The order of the aligned chunk that starts at ``pfn`` in the onlining walk.
 
-    Current kernels: ``order = pfn ? min(MAX_PAGE_ORDER, __ffs(pfn)) : MAX_PAGE_ORDER``.
+    Current kernels: ``order = pfn ? min(MAX_PAGE_ORDER, __ffs(pfn)) : MAX_PAGE_ORDER``,
+    then smaller until the chunk fits before ``end`` (``end > pfn``).
     (v5.4 used ``min(MAX_ORDER - 1, get_order(end - pfn))``; for block-aligned ranges the
     two walks are the same.)
     """
-    order = MAX_PAGE_ORDER if pfn == 0 else min(MAX_PAGE_ORDER, (pfn & -pfn).bit_length() - 1)
-    while (1 << order) > end - pfn:
-        order -= 1
-    return order
+    # __ffs(pfn) is the index of the lowest set bit; the largest fitting order is
+    # floor(log2(end - pfn)).
+    fits = (end - pfn).bit_length() - 1
+    order = MAX_PAGE_ORDER if pfn == 0 else (pfn & -pfn).bit_length() - 1
+    return min(order, fits, MAX_PAGE_ORDER)
 
 
 def count_chunks(start: int, end: int) -> int:
@@ -90,10 +92,13 @@ def buddy_blocks(start: int, end: int) -> list[tuple[int, int, int]]:
     out: list[tuple[int, int, int]] = []
     pfn = start
     while pfn < end:
-        order = chunk_order(pfn, end)
-        if order == MAX_PAGE_ORDER:
+        fits = (end - pfn).bit_length() - 1
+        order = MAX_PAGE_ORDER if pfn == 0 else (pfn & -pfn).bit_length() - 1
+        if order > fits:
+            order = fits
+        if order >= MAX_PAGE_ORDER:
             run = (end - pfn) >> MAX_PAGE_ORDER
-            out.append((order, pfn, run))
+            out.append((MAX_PAGE_ORDER, pfn, run))
             pfn += run << MAX_PAGE_ORDER
         else:
             out.append((order, pfn, 1))
