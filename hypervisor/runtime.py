@@ -58,6 +58,10 @@ MAX_QUEUED_COMMANDS: Final = 16
 ROUND_TRIP_WINDOW: Final = 4096
 #: Events a slow watcher may fall behind before its stream is closed.
 WATCH_QUEUE_SIZE: Final = 10_000
+#: How long the state-file write of a step may wait while a transaction is in flight
+#: (seconds): the steps of a batch in that time share one write. Once nothing is in
+#: flight, or on anything unusual (a reset, a dropped command), the write happens at once.
+STATE_WRITE_DELAY: Final = 0.005
 #: Session events after which every region is checked for changes, not just the active ones.
 _FULL_CHECK: Final = frozenset({"reset", "restored", "command_dropped", "hot_add_disabled"})
 #: Events logged at debug level (they come every second from every guest, or with every
@@ -290,6 +294,8 @@ class VmHandle:
     device_last_ack: vmem.VirtioMemRequest | None = None
     #: No request has been read from the attached virtio-mem stream yet.
     device_stream_fresh: bool = False
+    #: The deferred state-file write (see :data:`STATE_WRITE_DELAY`), None when none waits.
+    write_timer: asyncio.TimerHandle | None = None
 
     @property
     def vm_id(self) -> str:
@@ -665,6 +671,7 @@ class Hypervisor:
     def shutdown(self) -> None:
         """End every guest stream and watcher (the server stops after this)."""
         self.stopping = True
+        self.write_state()
         for handle in self.vms.values():
             if handle.outbox is not None:
                 handle.outbox.put_nowait(None)
@@ -913,7 +920,41 @@ class Hypervisor:
                 self._publish_all(handle, policy_events)
                 self._send(handle, more)
                 full = full or any(e.kind in _FULL_CHECK for e in policy_events)
-        handle.writer.save(session, check_all=full, also=(before,))
+        self._persist(handle, full, before)
+
+    def _persist(self, handle: VmHandle, full: bool, before: HotAddRegion | None) -> None:
+        """Write the step's changes to the state file, now or within STATE_WRITE_DELAY.
+
+        A step with a transaction in flight (a batch runs) may wait, so that the steps of
+        a few milliseconds share one write; a step that leaves the session idle writes
+        at once, with whatever waited, so the file holds everything once a command is done.
+        """
+        writer = handle.writer
+        if full or self.stopping or handle.session.in_flight is None:
+            self._write(handle, full, before)
+            return
+        if handle.write_timer is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self._write(handle, full, before)
+                return
+            handle.write_timer = loop.call_later(STATE_WRITE_DELAY, self._write, handle)
+        writer.note(also=(before,))
+
+    def _write(
+        self, handle: VmHandle, full: bool = False, before: HotAddRegion | None = None
+    ) -> None:
+        if handle.write_timer is not None:
+            handle.write_timer.cancel()
+            handle.write_timer = None
+        handle.writer.save(handle.session, check_all=full, also=(before,))
+
+    def write_state(self) -> None:
+        """Write every deferred state-file write now (the hypervisor is stopping)."""
+        for handle in self.vms.values():
+            if handle.write_timer is not None or handle.writer.pending:
+                self._write(handle)
 
     def _apply_policy(self, handle: VmHandle, committed: int) -> list[dm.DmMessage]:
         policy = handle.policy

@@ -208,6 +208,8 @@ class TruthWriter:
 
     Regions are only ever appended and only a few change per step (the one in flight
     before and after, new ones), so :meth:`save` checks those unless told to check all.
+    A caller that writes later (several steps in one write) tells :meth:`note` what each
+    step would have had :meth:`save` check; the next :meth:`save` checks all of it.
     """
 
     def __init__(self, store: StateStore, vm_id: str) -> None:
@@ -216,6 +218,19 @@ class TruthWriter:
         self._vm_row: tuple[Any, ...] | None = None
         self._regions: dict[int, tuple[int, int, bool, bool]] = {}
         self._count = 0
+        #: What :meth:`note` asked the next :meth:`save` to check as well.
+        self._noted_all = False
+        self._noted: list[HotAddRegion] = []
+
+    @property
+    def pending(self) -> bool:
+        """:meth:`note` was called since the last :meth:`save`."""
+        return self._noted_all or bool(self._noted)
+
+    def note(self, *, check_all: bool = False, also: tuple[HotAddRegion | None, ...] = ()) -> None:
+        """A step whose write is deferred: the next :meth:`save` checks what this one would."""
+        self._noted_all = self._noted_all or check_all
+        self._noted.extend(r for r in also if r is not None)
 
     def save(
         self,
@@ -224,22 +239,26 @@ class TruthWriter:
         check_all: bool = False,
         also: tuple[HotAddRegion | None, ...] = (),
     ) -> bool:
-        """Persist what changed; True when something was written."""
+        """Persist what changed (and what :meth:`note` saw); True when something was written."""
+        check_all = check_all or self._noted_all
+        noted, self._noted, self._noted_all = self._noted, [], False
         count = session.region_count
         if count < self._count:
             check_all = True  # the session was restored with fewer regions
         candidates = session.regions_from(0 if check_all else self._count)
         if not check_all:
+            candidates += noted
             candidates += [r for r in also if r is not None]
-        if session.in_flight is not None and session.in_flight.target_region is not None:
-            candidates.append(session.in_flight.target_region)
-        changed: list[HotAddRegion] = []
+        txn = session.in_flight
+        if txn is not None and txn.target_region is not None:
+            candidates.append(txn.target_region)
+        changed: dict[int, HotAddRegion] = {}
+        known = self._regions
         for region in candidates:
             if not region.offered:
                 continue  # reserved by queued work only: nothing to keep yet
-            fp = region.fingerprint()
-            if self._regions.get(region.start) != fp:
-                changed.append(region)
+            if known.get(region.start) != region.fingerprint():
+                changed[region.start] = region
         ballooned = session.ballooned
         vm_row = (
             session.target_pages,
@@ -253,7 +272,7 @@ class TruthWriter:
         deleted: list[int] = []
         if check_all:
             live = {r.start for r in session.regions_from(0)}
-            deleted = [s for s in self._regions if s not in live]
+            deleted = [s for s in known if s not in live]
         vm_state = None
         if vm_row != self._vm_row or check_all:
             vm_state = (
@@ -262,12 +281,12 @@ class TruthWriter:
                 [[s, e] for s, e in ballooned.ranges()],
             )
         self.store.write_truth(
-            self.vm_id, vm_state, [(r.start, r.snapshot()) for r in changed], deleted
+            self.vm_id, vm_state, [(r.start, r.snapshot()) for r in changed.values()], deleted
         )
         for start in deleted:
-            del self._regions[start]
-        for region in changed:
-            self._regions[region.start] = region.fingerprint()
+            del known[start]
+        for region in changed.values():
+            known[region.start] = region.fingerprint()
         self._vm_row = vm_row
         self._count = count
         return True
