@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import logging
 import math
 import re
 import time
@@ -296,6 +297,13 @@ class VmHandle:
     device_stream_fresh: bool = False
     #: The deferred state-file write (see :data:`STATE_WRITE_DELAY`), None when none waits.
     write_timer: asyncio.TimerHandle | None = None
+
+    def __post_init__(self) -> None:
+        # structlog's filtering loggers fix their level when bound: ask once, so that an
+        # event below it costs no keyword arguments.
+        enabled = getattr(self.log, "is_enabled_for", None)
+        self.logs_debug = enabled is None or bool(enabled(logging.DEBUG))
+        self.logs_info = enabled is None or bool(enabled(logging.INFO))
 
     @property
     def vm_id(self) -> str:
@@ -991,11 +999,15 @@ class Hypervisor:
         if out and txn is not None and handle.sent_txn is not txn:
             handle.sent_txn = txn
             handle.sent_at = handle.now()
+        attached = handle.attached
         for msg in out:
-            handle.log.debug("frame_out", kind=type(msg).__name__, trans_id=msg.trans_id)
-            if handle.attached:
+            if handle.logs_debug:
+                handle.log.debug("frame_out", kind=type(msg).__name__, trans_id=msg.trans_id)
+            if attached:
                 handle.frames_sent += 1
-            handle.send(dm_pb2.HostToGuest(frame=wire.to_frame(msg)))
+            pb = dm_pb2.HostToGuest()
+            wire.write_frame(msg, pb.frame)
+            handle.send(pb)
 
     def _publish_all(self, handle: VmHandle, events: list[HostEvent]) -> None:
         for event in events:
@@ -1004,8 +1016,11 @@ class Hypervisor:
             self._publish(handle, event.kind, payload)
 
     def _publish(self, handle: VmHandle, kind: str, payload: dict[str, object]) -> None:
-        level = handle.log.debug if kind in _QUIET else handle.log.info
-        level(kind, **{k: v for k, v in payload.items() if v is not None})
+        if kind in _QUIET:
+            if handle.logs_debug:
+                handle.log.debug(kind, **{k: v for k, v in payload.items() if v is not None})
+        elif handle.logs_info:
+            handle.log.info(kind, **{k: v for k, v in payload.items() if v is not None})
         if kind in _VIOLATION_EVENTS:
             handle.violation_events += 1
         self.events.publish(PublishedEvent(time.time(), handle.vm_id, kind, payload))
