@@ -206,6 +206,8 @@ class EventHub:
                 sink(event)
             except Exception:
                 log.exception("event_sink_failed", vm=event.vm_id, kind=event.kind)
+        if not self._subs:
+            return
         for sub in list(self._subs):
             if sub.wants(event):
                 try:

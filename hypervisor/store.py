@@ -252,13 +252,15 @@ class TruthWriter:
         txn = session.in_flight
         if txn is not None and txn.target_region is not None:
             candidates.append(txn.target_region)
-        changed: dict[int, HotAddRegion] = {}
+        # start -> (region, fingerprint): a region among the candidates twice is written once.
+        changed: dict[int, tuple[HotAddRegion, tuple[int, int, bool, bool]]] = {}
         known = self._regions
         for region in candidates:
             if not region.offered:
                 continue  # reserved by queued work only: nothing to keep yet
-            if known.get(region.start) != region.fingerprint():
-                changed[region.start] = region
+            fp = region.fingerprint()
+            if known.get(region.start) != fp:
+                changed[region.start] = (region, fp)
         ballooned = session.ballooned
         vm_row = (
             session.target_pages,
@@ -281,12 +283,12 @@ class TruthWriter:
                 [[s, e] for s, e in ballooned.ranges()],
             )
         self.store.write_truth(
-            self.vm_id, vm_state, [(r.start, r.snapshot()) for r in changed.values()], deleted
+            self.vm_id, vm_state, [(s, r.snapshot()) for s, (r, _) in changed.items()], deleted
         )
         for start in deleted:
             del known[start]
-        for region in changed.values():
-            known[region.start] = region.fingerprint()
+        for start, (_, fp) in changed.items():
+            known[start] = fp
         self._vm_row = vm_row
         self._count = count
         return True
