@@ -939,7 +939,6 @@ class Hypervisor:
         a few milliseconds share one write; a step that leaves the session idle writes
         at once, with whatever waited, so the file holds everything once a command is done.
         """
-        writer = handle.writer
         if full or self.stopping or handle.session.in_flight is None:
             self._write(handle, full, before)
             return
@@ -950,7 +949,7 @@ class Hypervisor:
                 self._write(handle, full, before)
                 return
             handle.write_timer = loop.call_later(STATE_WRITE_DELAY, self._write, handle)
-        writer.note(also=(before,))
+        handle.writer.note(also=(before,))
 
     def _write(
         self, handle: VmHandle, full: bool = False, before: HotAddRegion | None = None

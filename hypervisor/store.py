@@ -1,7 +1,10 @@
 """The hypervisor's state file: VM definitions, policies and ground truth in SQLite.
 
 Written after every change, so a restarted hypervisor loses nothing and its guests
-reattach to the same state (``--state FILE``; an in-memory database when absent).
+reattach to the same state (``--state FILE``; an in-memory database when absent). While
+a transaction is in flight the runtime may hold a write back for a few milliseconds
+(``runtime.STATE_WRITE_DELAY``) so that the steps of a batch share one; once a command
+is done (nothing in flight) everything is written.
 A VM's truth is one row for the VM-wide part (target, hot-add disabled, ballooned
 ranges) plus one row per hot-add region, so a change rewrites only what changed: a
 guest grown to 1 TiB in 128 MiB steps has 8192 regions, and each transaction touches
