@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import logging
 import math
 import re
 import time
@@ -58,6 +59,10 @@ MAX_QUEUED_COMMANDS: Final = 16
 ROUND_TRIP_WINDOW: Final = 4096
 #: Events a slow watcher may fall behind before its stream is closed.
 WATCH_QUEUE_SIZE: Final = 10_000
+#: How long the state-file write of a step may wait while a transaction is in flight
+#: (seconds): the steps of a batch in that time share one write. Once nothing is in
+#: flight, or on anything unusual (a reset, a dropped command), the write happens at once.
+STATE_WRITE_DELAY: Final = 0.005
 #: Session events after which every region is checked for changes, not just the active ones.
 _FULL_CHECK: Final = frozenset({"reset", "restored", "command_dropped", "hot_add_disabled"})
 #: Events logged at debug level (they come every second from every guest, or with every
@@ -201,6 +206,8 @@ class EventHub:
                 sink(event)
             except Exception:
                 log.exception("event_sink_failed", vm=event.vm_id, kind=event.kind)
+        if not self._subs:
+            return
         for sub in list(self._subs):
             if sub.wants(event):
                 try:
@@ -290,6 +297,15 @@ class VmHandle:
     device_last_ack: vmem.VirtioMemRequest | None = None
     #: No request has been read from the attached virtio-mem stream yet.
     device_stream_fresh: bool = False
+    #: The deferred state-file write (see :data:`STATE_WRITE_DELAY`), None when none waits.
+    write_timer: asyncio.TimerHandle | None = None
+
+    def __post_init__(self) -> None:
+        # structlog's filtering loggers fix their level when bound: ask once, so that an
+        # event below it costs no keyword arguments.
+        enabled = getattr(self.log, "is_enabled_for", None)
+        self.logs_debug = enabled is None or bool(enabled(logging.DEBUG))
+        self.logs_info = enabled is None or bool(enabled(logging.INFO))
 
     @property
     def vm_id(self) -> str:
@@ -665,6 +681,7 @@ class Hypervisor:
     def shutdown(self) -> None:
         """End every guest stream and watcher (the server stops after this)."""
         self.stopping = True
+        self.write_state()
         for handle in self.vms.values():
             if handle.outbox is not None:
                 handle.outbox.put_nowait(None)
@@ -913,7 +930,40 @@ class Hypervisor:
                 self._publish_all(handle, policy_events)
                 self._send(handle, more)
                 full = full or any(e.kind in _FULL_CHECK for e in policy_events)
-        handle.writer.save(session, check_all=full, also=(before,))
+        self._persist(handle, full, before)
+
+    def _persist(self, handle: VmHandle, full: bool, before: HotAddRegion | None) -> None:
+        """Write the step's changes to the state file, now or within STATE_WRITE_DELAY.
+
+        A step with a transaction in flight (a batch runs) may wait, so that the steps of
+        a few milliseconds share one write; a step that leaves the session idle writes
+        at once, with whatever waited, so the file holds everything once a command is done.
+        """
+        if full or self.stopping or handle.session.in_flight is None:
+            self._write(handle, full, before)
+            return
+        if handle.write_timer is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self._write(handle, full, before)
+                return
+            handle.write_timer = loop.call_later(STATE_WRITE_DELAY, self._write, handle)
+        handle.writer.note(also=(before,))
+
+    def _write(
+        self, handle: VmHandle, full: bool = False, before: HotAddRegion | None = None
+    ) -> None:
+        if handle.write_timer is not None:
+            handle.write_timer.cancel()
+            handle.write_timer = None
+        handle.writer.save(handle.session, check_all=full, also=(before,))
+
+    def write_state(self) -> None:
+        """Write every deferred state-file write now (the hypervisor is stopping)."""
+        for handle in self.vms.values():
+            if handle.write_timer is not None or handle.writer.pending:
+                self._write(handle)
 
     def _apply_policy(self, handle: VmHandle, committed: int) -> list[dm.DmMessage]:
         policy = handle.policy
@@ -950,11 +1000,15 @@ class Hypervisor:
         if out and txn is not None and handle.sent_txn is not txn:
             handle.sent_txn = txn
             handle.sent_at = handle.now()
+        attached = handle.attached
         for msg in out:
-            handle.log.debug("frame_out", kind=type(msg).__name__, trans_id=msg.trans_id)
-            if handle.attached:
+            if handle.logs_debug:
+                handle.log.debug("frame_out", kind=type(msg).__name__, trans_id=msg.trans_id)
+            if attached:
                 handle.frames_sent += 1
-            handle.send(dm_pb2.HostToGuest(frame=wire.to_frame(msg)))
+            pb = dm_pb2.HostToGuest()
+            wire.write_frame(msg, pb.frame)
+            handle.send(pb)
 
     def _publish_all(self, handle: VmHandle, events: list[HostEvent]) -> None:
         for event in events:
@@ -963,8 +1017,11 @@ class Hypervisor:
             self._publish(handle, event.kind, payload)
 
     def _publish(self, handle: VmHandle, kind: str, payload: dict[str, object]) -> None:
-        level = handle.log.debug if kind in _QUIET else handle.log.info
-        level(kind, **{k: v for k, v in payload.items() if v is not None})
+        if kind in _QUIET:
+            if handle.logs_debug:
+                handle.log.debug(kind, **{k: v for k, v in payload.items() if v is not None})
+        elif handle.logs_info:
+            handle.log.info(kind, **{k: v for k, v in payload.items() if v is not None})
         if kind in _VIOLATION_EVENTS:
             handle.violation_events += 1
         self.events.publish(PublishedEvent(time.time(), handle.vm_id, kind, payload))

@@ -1,7 +1,10 @@
 """The hypervisor's state file: VM definitions, policies and ground truth in SQLite.
 
 Written after every change, so a restarted hypervisor loses nothing and its guests
-reattach to the same state (``--state FILE``; an in-memory database when absent).
+reattach to the same state (``--state FILE``; an in-memory database when absent). While
+a transaction is in flight the runtime may hold a write back for a few milliseconds
+(``runtime.STATE_WRITE_DELAY``) so that the steps of a batch share one; once a command
+is done (nothing in flight) everything is written.
 A VM's truth is one row for the VM-wide part (target, hot-add disabled, ballooned
 ranges) plus one row per hot-add region, so a change rewrites only what changed: a
 guest grown to 1 TiB in 128 MiB steps has 8192 regions, and each transaction touches
@@ -208,6 +211,8 @@ class TruthWriter:
 
     Regions are only ever appended and only a few change per step (the one in flight
     before and after, new ones), so :meth:`save` checks those unless told to check all.
+    A caller that writes later (several steps in one write) tells :meth:`note` what each
+    step would have had :meth:`save` check; the next :meth:`save` checks all of it.
     """
 
     def __init__(self, store: StateStore, vm_id: str) -> None:
@@ -216,6 +221,19 @@ class TruthWriter:
         self._vm_row: tuple[Any, ...] | None = None
         self._regions: dict[int, tuple[int, int, bool, bool]] = {}
         self._count = 0
+        #: What :meth:`note` asked the next :meth:`save` to check as well.
+        self._noted_all = False
+        self._noted: list[HotAddRegion] = []
+
+    @property
+    def pending(self) -> bool:
+        """:meth:`note` was called since the last :meth:`save`."""
+        return self._noted_all or bool(self._noted)
+
+    def note(self, *, check_all: bool = False, also: tuple[HotAddRegion | None, ...] = ()) -> None:
+        """A step whose write is deferred: the next :meth:`save` checks what this one would."""
+        self._noted_all = self._noted_all or check_all
+        self._noted.extend(r for r in also if r is not None)
 
     def save(
         self,
@@ -224,22 +242,28 @@ class TruthWriter:
         check_all: bool = False,
         also: tuple[HotAddRegion | None, ...] = (),
     ) -> bool:
-        """Persist what changed; True when something was written."""
+        """Persist what changed (and what :meth:`note` saw); True when something was written."""
+        check_all = check_all or self._noted_all
+        noted, self._noted, self._noted_all = self._noted, [], False
         count = session.region_count
         if count < self._count:
             check_all = True  # the session was restored with fewer regions
         candidates = session.regions_from(0 if check_all else self._count)
         if not check_all:
+            candidates += noted
             candidates += [r for r in also if r is not None]
-        if session.in_flight is not None and session.in_flight.target_region is not None:
-            candidates.append(session.in_flight.target_region)
-        changed: list[HotAddRegion] = []
+        txn = session.in_flight
+        if txn is not None and txn.target_region is not None:
+            candidates.append(txn.target_region)
+        # start -> (region, fingerprint): a region among the candidates twice is written once.
+        changed: dict[int, tuple[HotAddRegion, tuple[int, int, bool, bool]]] = {}
+        known = self._regions
         for region in candidates:
             if not region.offered:
                 continue  # reserved by queued work only: nothing to keep yet
             fp = region.fingerprint()
-            if self._regions.get(region.start) != fp:
-                changed.append(region)
+            if known.get(region.start) != fp:
+                changed[region.start] = (region, fp)
         ballooned = session.ballooned
         vm_row = (
             session.target_pages,
@@ -253,7 +277,7 @@ class TruthWriter:
         deleted: list[int] = []
         if check_all:
             live = {r.start for r in session.regions_from(0)}
-            deleted = [s for s in self._regions if s not in live]
+            deleted = [s for s in known if s not in live]
         vm_state = None
         if vm_row != self._vm_row or check_all:
             vm_state = (
@@ -262,12 +286,12 @@ class TruthWriter:
                 [[s, e] for s, e in ballooned.ranges()],
             )
         self.store.write_truth(
-            self.vm_id, vm_state, [(r.start, r.snapshot()) for r in changed], deleted
+            self.vm_id, vm_state, [(s, r.snapshot()) for s, (r, _) in changed.items()], deleted
         )
         for start in deleted:
-            del self._regions[start]
-        for region in changed:
-            self._regions[region.start] = region.fingerprint()
+            del known[start]
+        for start, (_, fp) in changed.items():
+            known[start] = fp
         self._vm_row = vm_row
         self._count = count
         return True

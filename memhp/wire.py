@@ -30,10 +30,35 @@ def _ranges_from_pb(ranges: Any, what: str) -> tuple[dm.PageRange, ...]:
     return tuple(range_from_pb(r, f"{what}[{i}]") for i, r in enumerate(ranges))
 
 
+def _set_range(pb: dm_pb2.PageRange, r: dm.PageRange) -> None:
+    pb.start_page = r.start_page
+    pb.page_cnt = r.page_cnt
+
+
 def to_frame(msg: dm.DmMessage) -> dm_pb2.DmFrame:
     """A DM dataclass as a ``DmFrame``."""
-    frame = dm_pb2.DmFrame(trans_id=msg.trans_id)
+    frame = dm_pb2.DmFrame()
+    write_frame(msg, frame)
+    return frame
+
+
+def write_frame(msg: dm.DmMessage, frame: dm_pb2.DmFrame) -> None:
+    """Fill the empty ``frame`` (say the ``frame`` field of a stream message) with ``msg``.
+
+    Filling the field in place spares building a ``DmFrame`` and copying it into the
+    message that carries it.
+    """
+    frame.trans_id = msg.trans_id
     match msg:
+        # The hot-add pair first: they are the bulk of the traffic.
+        case dm.HotAddRequest():
+            request = frame.hot_add_request
+            _set_range(request.range, msg.range)
+            if msg.region is not None:
+                _set_range(request.region, msg.region)
+        case dm.HotAddResponse():
+            frame.hot_add_response.page_count = msg.page_count
+            frame.hot_add_response.result = msg.result
         case dm.VersionRequest():
             frame.version_request.version = msg.version
             frame.version_request.is_last_attempt = msg.is_last_attempt
@@ -79,13 +104,6 @@ def to_frame(msg: dm.DmMessage) -> dm_pb2.DmFrame:
             frame.unballoon_request.ranges.extend(range_to_pb(r) for r in msg.ranges)
         case dm.UnballoonResponse():
             frame.unballoon_response.SetInParent()
-        case dm.HotAddRequest():
-            frame.hot_add_request.range.CopyFrom(range_to_pb(msg.range))
-            if msg.region is not None:
-                frame.hot_add_request.region.CopyFrom(range_to_pb(msg.region))
-        case dm.HotAddResponse():
-            frame.hot_add_response.page_count = msg.page_count
-            frame.hot_add_response.result = msg.result
         case dm.InfoMessage():
             frame.info_message.max_page_count = msg.max_page_count
         case dm.AccessReport():
@@ -93,7 +111,6 @@ def to_frame(msg: dm.DmMessage) -> dm_pb2.DmFrame:
             frame.access_report.ranges.extend(range_to_pb(r) for r in msg.ranges)
         case _:
             raise TypeError(f"not a DM message: {msg!r}")
-    return frame
 
 
 def _version_request(t: int, b: Any) -> dm.DmMessage:
