@@ -16,11 +16,12 @@ started with ``--ready-file`` on port 0 and stopped by their PID at the end:
    runs in 3 rounds (1 with ``--quick``); before and after each round the echo ping-pong
    is measured again for a second, and the round's share is its rate over the mean of
    those two ceilings. The median round is reported, every round is listed: the ceiling
-   alone moves by a factor of two or more within minutes on a shared 2-core machine. Round trip p50 / p99 are the hypervisor's own
-   measurement (``Vm.transactions``: request sent to final response); transactions per
-   second run from the first request to the last response, which the hypervisor stamps
-   with the batch's ``command_started`` and ``command_done`` events (the only events
-   watched, with those that mean trouble: two per batch). Completion is seen by polling
+   alone moves by a factor of two or more within minutes on a shared 2-core machine.
+   Round trip p50 / p99 are the hypervisor's own measurement (``Vm.transactions``:
+   request sent to final response); transactions per second run from the first request
+   to the last response, which the hypervisor stamps with the batch's
+   ``command_started`` and ``command_done`` events (the only events watched, with those
+   that mean trouble: two per batch). Completion is seen by polling
    ``ListVms`` every 20 ms, and ``GetVm`` at the end checks the guest added every page.
    Then, on the same VM, N more as one ``Control.HotAdd`` per transaction with a few
    queued behind the one in flight and a ``WatchEvents`` watcher of every request and
