@@ -61,22 +61,31 @@ class RangeMap(Generic[V]):
 
     def runs(
         self, start: int = 0, end: int | None = None, *, clip: bool = True
-    ) -> Iterator[tuple[int, int, V]]:
-        """The runs that overlap ``[start, end)`` in ascending order, clipped unless told."""
+    ) -> list[tuple[int, int, V]]:
+        """The runs that overlap ``[start, end)`` in ascending order, clipped unless told.
+
+        A list, not a generator: a snapshot, so the caller may change the map while it
+        walks the runs (and a walk over one or two runs, the common case, costs less).
+        """
         end = self.limit if end is None else end
         if start >= end:
-            return
-        self._check(start, end)
+            return []
+        if start < 0 or end > self.limit:
+            self._check(start, end)
         starts, values = self._starts, self._values
-        i = self._index(start)
         n = len(starts)
-        while i < n and starts[i] < end:
-            run_end = starts[i + 1] if i + 1 < n else self.limit
+        i = bisect_right(starts, start) - 1
+        j = bisect_right(starts, end - 1, i)  # runs i .. j-1 overlap the range
+        limit = self.limit
+        out: list[tuple[int, int, V]] = []
+        for k in range(i, j):
+            s = starts[k]
+            e = starts[k + 1] if k + 1 < n else limit
             if clip:
-                yield max(starts[i], start), min(run_end, end), values[i]
+                out.append((s if s > start else start, e if e < end else end, values[k]))
             else:
-                yield starts[i], run_end, values[i]
-            i += 1
+                out.append((s, e, values[k]))
+        return out
 
     def total(self, value: V) -> int:
         """How many pages in the whole map hold ``value``."""

@@ -129,6 +129,9 @@ class HvHotaddState:
         lo, hi = max(start, self.covered_start_pfn), min(end, self.covered_end_pfn)
         if lo >= hi:
             return
+        if not self.gaps:
+            yield lo, hi
+            return
         holes = sorted((max(gs, lo), min(ge, hi)) for gs, ge in self.gaps if gs < ge)
         pos = lo
         for gs, ge in holes:
@@ -661,11 +664,11 @@ class HvBalloon:
         end = start_pfn + size
         for s, e in has.unbacked_ranges(start_pfn, end):
             # Not backed: keep it PageOffline (owned by us from now on).
-            for rs, re_, state in list(self.mm.pages.runs(s, e)):
+            for rs, re_, state in self.mm.pages.runs(s, e):
                 if state.kind == PAGE_OFFLINE and state.owner == OWNER_CORE:
                     self.mm.set_page_offline(rs, re_, DRIVER)
         for s, e in has.backed_ranges(start_pfn, end):
-            for rs, re_, state in list(self.mm.pages.runs(s, e)):
+            for rs, re_, state in self.mm.pages.runs(s, e):
                 # Backed but not PageOffline: already online (the double-online guard).
                 if state.kind == PAGE_OFFLINE and state.owner in (OWNER_CORE, DRIVER):
                     self.mm.generic_online_pages(rs, re_)
@@ -746,7 +749,7 @@ class HvBalloon:
         """
         for has, lo, hi in self._regions_in(start, end):
             for s, e in has.unbacked_ranges(lo, hi):
-                for rs, re_, state in list(self.mm.pages.runs(s, e)):
+                for rs, re_, state in self.mm.pages.runs(s, e):
                     if state.kind == BUDDY:
                         self.mm.take_free_pages(rs, re_)
                         self.mm.set_page_offline(rs, re_, DRIVER)
@@ -822,7 +825,7 @@ class HvBalloon:
         freed = 0
         for rng in msg.ranges:
             start, end = rng.start_page, rng.end_page
-            for s, e, state in list(self.mm.pages.runs(start, end)):
+            for s, e, state in self.mm.pages.runs(start, end):
                 if state.kind != PAGE_OFFLINE or state.owner != OWNER_BALLOON:
                     self._violation(
                         "unballoon-not-ballooned",

@@ -754,7 +754,7 @@ class VirtioMem:
 
     def _fake_online(self, pfn: int, nr_pages: int) -> None:
         """``virtio_mem_fake_online``: fake-offline pages back to the buddy."""
-        for s, e, state in list(self.mm.pages.runs(pfn, pfn + nr_pages)):
+        for s, e, state in self.mm.pages.runs(pfn, pfn + nr_pages):
             if state.kind != PAGE_OFFLINE or state.owner not in OWNERS:
                 self._violation(
                     "virtio-mem-fake-online",
@@ -789,7 +789,7 @@ class VirtioMem:
 
     def _fake_offline_going_offline(self, pfn: int, nr_pages: int) -> None:
         """Drop our reference on fake-offline pages so the memory can go offline."""
-        for s, e, state in list(self.mm.pages.runs(pfn, pfn + nr_pages)):
+        for s, e, state in self.mm.pages.runs(pfn, pfn + nr_pages):
             if state.kind != PAGE_OFFLINE or state.owner not in OWNERS or state.refcount != 1:
                 self._violation(
                     "virtio-mem-fake-offline-referenced",
@@ -802,7 +802,7 @@ class VirtioMem:
 
     def _fake_offline_cancel_offline(self, pfn: int, nr_pages: int) -> None:
         """Take the references dropped at MEM_GOING_OFFLINE again."""
-        for s, e, state in list(self.mm.pages.runs(pfn, pfn + nr_pages)):
+        for s, e, state in self.mm.pages.runs(pfn, pfn + nr_pages):
             if state.kind == PAGE_OFFLINE and state.owner in OWNERS and state.refcount == 0:
                 self.mm.set_page_offline(s, e, state.owner, 1)
 

@@ -129,8 +129,10 @@ class FreeArea:
         taken: list[tuple[int, int]] = []
         need = count
         while need > 0:
-            found = next((j for j in range(order, NR_PAGE_ORDERS) if self.lists[j]), None)
-            if found is None:
+            found = order
+            while found < NR_PAGE_ORDERS and not self.lists[found]:
+                found += 1
+            if found == NR_PAGE_ORDERS:
                 break
             extent_start = next(iter(self.lists[found]))
             extent_end = next(self.free.extents(extent_start, extent_start + 1))[1]

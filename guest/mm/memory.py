@@ -160,6 +160,23 @@ class HotplugLockBusy(Exception):
     """``mem_hotplug_lock`` is held by a suspended online operation: retry when released."""
 
 
+class _HotplugLock:
+    """Holds ``mem_hotplug_lock`` for ``who`` while the ``with`` block runs (a plain
+    class: a ``contextlib`` generator costs more on every add and online)."""
+
+    __slots__ = ("_mm", "_who")
+
+    def __init__(self, mm: MemoryManager, who: str) -> None:
+        self._mm = mm
+        self._who = who
+
+    def __enter__(self) -> None:
+        self._mm.hotplug_lock_holder = self._who
+
+    def __exit__(self, *exc: object) -> None:
+        self._mm.hotplug_lock_holder = None
+
+
 class MemoryManager:
     """One guest's physical memory: boot memory plus whatever gets hot-added."""
 
@@ -398,7 +415,7 @@ class MemoryManager:
         buddy; any other page is the double onlining the kernel would WARN about (and
         corrupt its free lists with): recorded in :attr:`warnings` and left alone.
         """
-        for s, e, state in list(self.pages.runs(start, end)):
+        for s, e, state in self.pages.runs(start, end):
             block = self.block_of(s)
             if state.kind != PAGE_OFFLINE or block is None or block.zone is None:
                 self.warnings.append(
@@ -444,8 +461,7 @@ class MemoryManager:
 
     # -- add / remove ----------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _hotplug_locked(self, who: str) -> Iterator[None]:
+    def _hotplug_locked(self, who: str) -> _HotplugLock:
         """``mem_hotplug_begin`` / ``mem_hotplug_done``; HotplugLockBusy if it is held.
 
         Also spans the yields of :meth:`online_pages_steps`: a suspended onlining keeps
@@ -453,11 +469,7 @@ class MemoryManager:
         """
         if self.hotplug_lock_holder is not None:
             raise HotplugLockBusy(f"mem_hotplug_lock held by {self.hotplug_lock_holder}")
-        self.hotplug_lock_holder = who
-        try:
-            yield
-        finally:
-            self.hotplug_lock_holder = None
+        return _HotplugLock(self, who)
 
     def add_memory(
         self,
@@ -705,7 +717,7 @@ class MemoryManager:
         ``generic_online_page`` when none is installed.
         """
         callback = self._online_page_callback or self.generic_online_pages_callback
-        for s, e, state in list(self.pages.runs(start, end)):
+        for s, e, state in self.pages.runs(start, end):
             if state != CORE_OFFLINE_PAGE:
                 continue
             self.stats.callback_chunks += count_chunks(s, e)
@@ -894,7 +906,7 @@ class MemoryManager:
 
     def free_range(self, start: int, end: int) -> None:
         """Free allocated pages ``[start, end)`` back to the buddy (``__free_pages``)."""
-        for s, e, state in list(self.pages.runs(start, end)):
+        for s, e, state in self.pages.runs(start, end):
             if state.kind != ALLOCATED:
                 raise MemoryHotplugError(EINVAL, f"free of {state.kind} pages at {s:#x}")
             self.allocations[state.owner].remove(s, e)
@@ -993,7 +1005,7 @@ class MemoryManager:
         ``generic_online_page`` is onlining them anew, not twice.
         """
         taken = 0
-        for s, e, state in list(self.pages.runs(start, end)):
+        for s, e, state in self.pages.runs(start, end):
             if state.kind != BUDDY:
                 continue
             for bs, be in self._split_by_block(s, e):
