@@ -87,7 +87,7 @@ from loadgen import COMMITTED_BASE
 from machine import describe
 
 from memhp.procs import Child, ChildFailed, memhp_command, start_child
-from memhp.v1 import control_pb2, control_pb2_grpc, dm_pb2, dm_pb2_grpc, guest_pb2, guest_pb2_grpc
+from memhp.v1 import control_pb2, control_pb2_grpc, guest_pb2, guest_pb2_grpc
 
 BENCH = Path(__file__).resolve().parent
 MIB = 1 << 20
@@ -219,14 +219,24 @@ class Processes:
         self.children: list[Child] = []
         self._names: dict[str, int] = {}
 
-    async def start(self, name: str, argv: list[str], *, profile: bool = False) -> Child:
-        """Start ``argv``; ``profile``: a Python child runs under cProfile (--profile DIR)."""
+    async def start(
+        self,
+        name: str,
+        argv: list[str],
+        *,
+        profile: bool = False,
+        env: dict[str, str] | None = None,
+    ) -> Child:
+        """Start ``argv`` (``env`` added to the environment); ``profile``: a Python child
+        runs under cProfile (--profile DIR)."""
         n = self._names.get(name, 0)
         self._names[name] = n + 1
         if profile and self.profile_dir is not None:
             out = self.profile_dir / f"{name}{n}.prof"
             argv = [argv[0], "-m", "cProfile", "-o", str(out), *argv[1:]]
-        child = await start_child(f"{name}{n}", argv, timeout=START_TIMEOUT, log_dir=self.log_dir)
+        child = await start_child(
+            f"{name}{n}", argv, timeout=START_TIMEOUT, log_dir=self.log_dir, env=env
+        )
         self.children.append(child)
         return child
 
@@ -550,62 +560,58 @@ class Cpu:
 # -- 1. the ceiling ----------------------------------------------------------------------
 
 
-async def ping_pong(address: str, seconds: float) -> dict[str, Any]:
-    """One ``Connect`` stream to the echo server at ``address``: write a frame, read the
-    echo, one at a time, for ``seconds`` (after WARMUP round trips)."""
-    frame = dm_pb2.DmFrame(
-        trans_id=1,
-        hot_add_request=dm_pb2.HotAddRequest(
-            range=dm_pb2.PageRange(start_page=1 << 20, page_cnt=BLOCK // PAGE),
-            region=dm_pb2.PageRange(start_page=1 << 20, page_cnt=BLOCK // PAGE),
-        ),
-    )
-    msg = dm_pb2.GuestToHost(frame=frame)
-    trips: list[float] = []
-    async with grpc.aio.insecure_channel(address) as channel:
-        call = dm_pb2_grpc.DynamicMemoryStub(channel).Connect(None)
-        try:
-            for _ in range(WARMUP):
-                await call.write(msg)
-                await call.read()
-            start = time.perf_counter()
-            end = start + seconds
-            now = start
-            while now < end and len(trips) < MAX_ROUND_TRIPS:
-                await call.write(msg)
-                reply = await call.read()
-                if not isinstance(reply, dm_pb2.HostToGuest):
-                    raise BenchError("the echo server ended the stream")
-                t = time.perf_counter()
-                trips.append(t - now)
-                now = t
-            elapsed = now - start
-        finally:
-            call.cancel()
-    return {
-        "round_trips": len(trips),
-        "seconds": round(elapsed, 3),
-        "round_trips_per_s": round(len(trips) / elapsed, 1),
-        "p50_ms": ms(percentile(trips, 50)),
-        "p99_ms": ms(percentile(trips, 99)),
-    }
+async def ping_pong(
+    procs: Processes, address: str, seconds: float, env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """The ping-pong client of ``bench/wire_echo.py``, a process of its own, against the
+    echo server at ``address``: one ``Connect`` stream, a frame written and its echo read,
+    one at a time, for ``seconds`` (after WARMUP round trips). ``env`` is added to this
+    process's environment (which carries the ``memhp`` processes' gRPC settings)."""
+    out = procs.log_dir / f"ping-{len(procs.children)}-{time.monotonic_ns()}.json"
+    argv = [
+        sys.executable,
+        str(BENCH / "wire_echo.py"),
+        "--client",
+        address,
+        "--seconds",
+        str(seconds),
+        "--warmup",
+        str(WARMUP),
+        "--out",
+        str(out),
+    ]
+    client = await start_child("ping", argv, ready=False, log_dir=procs.log_dir, env=env)
+    code = await asyncio.wait_for(client.process.wait(), seconds + START_TIMEOUT)
+    if code != 0 or not out.exists():
+        raise BenchError(f"the ping-pong client exited with {code}:\n{client.log_tail()}")
+    result: dict[str, Any] = json.loads(out.read_text())
+    out.unlink()
+    return result
 
 
-async def start_echo(procs: Processes) -> Child:
-    return await procs.start("wire-echo", [sys.executable, str(BENCH / "wire_echo.py")])
+async def start_echo(procs: Processes, env: dict[str, str] | None = None) -> Child:
+    return await procs.start("wire-echo", [sys.executable, str(BENCH / "wire_echo.py")], env=env)
 
 
 async def bench_ceiling(procs: Processes, seconds: float) -> dict[str, Any]:
+    """The ceiling with the ``memhp`` processes' gRPC settings, and for reference with
+    gRPC's own defaults (``GRPC_EXPERIMENTS`` empty: the EventEngine TCP transport)."""
     echo = await start_echo(procs)
     cpu0 = cpu_seconds(echo.pid)
-    result = await ping_pong(echo.address, seconds)
+    result = await ping_pong(procs, echo.address, seconds)
     # The warm-up's share of the echo's CPU is small against the measured seconds.
     echo_cpu = cpu_seconds(echo.pid) - cpu0
+    await procs.stop(echo)
+    default_env = {"GRPC_EXPERIMENTS": ""}
+    echo = await start_echo(procs, env=default_env)
+    grpc_default = await ping_pong(procs, echo.address, seconds, env=default_env)
     await procs.stop(echo)
     return {
         **result,
         "echo_cpu_share": round(echo_cpu / result["seconds"], 3),
         "echo_cpu_ms_per_round_trip": round(echo_cpu / result["round_trips"] * 1000, 3),
+        "grpc_experiments": os.environ.get("GRPC_EXPERIMENTS", ""),
+        "grpc_default": grpc_default,
     }
 
 
@@ -750,11 +756,11 @@ async def bench_hot_add(procs: Processes, sizes: Sizes) -> dict[str, Any]:
         guest = await start_guest(procs, hv.address, vm_id)
         await control.wait_idle(vm_id)
         unary = await unary_rate(control, vm_id, sizes.ceiling_s)
-        after = (await ping_pong(echo.address, seconds))["round_trips_per_s"]
+        after = (await ping_pong(procs, echo.address, seconds))["round_trips_per_s"]
         for i in range(sizes.rounds):
             before = after
             batched = await hot_add_batched(control, hv, guest, vm_id, count, i * count)
-            after = (await ping_pong(echo.address, seconds))["round_trips_per_s"]
+            after = (await ping_pong(procs, echo.address, seconds))["round_trips_per_s"]
             ceiling = (before + after) / 2
             rounds.append(
                 {
@@ -1183,6 +1189,12 @@ def rows(r: dict[str, Any]) -> list[Row]:
             (
                 "   echo server CPU share, per round trip (ms)",
                 f"{c['echo_cpu_share']:.0%}, {c['echo_cpu_ms_per_round_trip']}",
+                "",
+            ),
+            ("   GRPC_EXPERIMENTS (memhp's transport)", c["grpc_experiments"] or "(empty)", ""),
+            (
+                "   the same with gRPC's defaults (EventEngine): round trips/s",
+                c["grpc_default"]["round_trips_per_s"],
                 "",
             ),
         ]
