@@ -1,4 +1,5 @@
-"""Benchmark of the processes over gRPC: the raw ceiling, hot-add round trips, growth, a fleet.
+"""Benchmark of the processes over gRPC: the raw ceiling, hot-add round trips, growth, a
+fleet, and what each side adds to a transaction.
 
     python bench/bench_wire.py [--json] [--quick] [--only PART]... [--profile DIR] [--logs DIR]
 
@@ -56,9 +57,16 @@ started with ``--ready-file`` on port 0 and stopped by their PID at the end:
    ``num_committed`` counts the guest's reports, so ``committed_bytes`` says how many
    arrived; no watcher runs during the window).
 
+6. **Split.** Where a transaction's time goes: the batched hot-adds of part 2 with one
+   side replaced by a minimal peer of ``bench/dm_peers.py``. First a real hypervisor
+   against a guest with no memory model (it answers every hot-add at once), then a host
+   with no session, ground truth or state file against the real guest; each set against
+   the ping-pong measured just before it, as rates and as microseconds per transaction
+   beyond the ping-pong.
+
 ``--quick`` shrinks every part for a smoke run (1 s ceiling, 200 hot-adds, growth to
 64 GiB, virtio-mem to 64 GiB, 50 guests for 5 s). ``--json`` prints the figures as JSON.
-``--only`` runs some parts (ceiling, hot-add, growth, virtio-mem, fleet). ``--profile
+``--only`` runs some parts (ceiling, hot-add, growth, virtio-mem, fleet, split). ``--profile
 DIR`` runs the hypervisors and guests under cProfile (``DIR/NAME.prof``, written when
 they stop), to see where their time goes; ``--logs DIR`` keeps the children's logs.
 Exit status 0 when every part ran and every correctness check held (a missed
@@ -1097,10 +1105,77 @@ async def bench_virtio_mem(procs: Processes, sizes: Sizes) -> dict[str, Any]:
     }
 
 
+# -- 6. split: what each side adds -----------------------------------------------------------
+
+
+def peer_command(role: str, *args: str) -> list[str]:
+    return [sys.executable, str(BENCH / "dm_peers.py"), role, *args]
+
+
+def added_us(rate: float, ceiling: float) -> float:
+    """Microseconds a transaction at ``rate`` takes beyond a ping-pong at ``ceiling``."""
+    return round((1 / rate - 1 / ceiling) * 1e6, 1)
+
+
+async def bench_split(procs: Processes, sizes: Sizes) -> dict[str, Any]:
+    """Batched 128 MiB hot-adds with one side replaced by a minimal peer
+    (``bench/dm_peers.py``): the hypervisor against a guest with no model, and a host
+    with no session against the real guest; each next to the ping-pong measured just
+    before it."""
+    count = sizes.round_trips
+    seconds = max(1.0, sizes.ceiling_s / 3)
+    echo = await start_echo(procs)
+    ceiling_hv = (await ping_pong(procs, echo.address, seconds))["round_trips_per_s"]
+    hv = await start_hypervisor(procs)
+    vm_id = "split"
+    async with grpc.aio.insecure_channel(hv.address) as channel:
+        control = Control(channel)
+        await control.create_vm(vm_id, TIB)
+        stub = await procs.start(
+            "dm-guest", peer_command("guest", "--hypervisor", hv.address, "--vm-id", vm_id)
+        )
+        await control.wait_idle(vm_id)
+        real_hv = await hot_add_batched(control, hv, stub, vm_id, count, 0)
+    await procs.stop(stub)
+    await procs.stop(hv)
+    ceiling_guest = (await ping_pong(procs, echo.address, seconds))["round_trips_per_s"]
+    out = procs.log_dir / f"dm-host-{time.monotonic_ns()}.json"
+    host = await procs.start(
+        "dm-host", peer_command("host", "--count", str(count), "--out", str(out))
+    )
+    guest = await start_guest(procs, host.address, vm_id)
+    deadline = time.monotonic() + STALL + count / 100
+    while not out.exists():
+        if time.monotonic() > deadline:
+            raise BenchError("split: the minimal host never finished its hot-adds")
+        await asyncio.sleep(POLL)
+    real_guest: dict[str, Any] = json.loads(out.read_text())
+    await procs.stop(guest)
+    await procs.stop(host)
+    await procs.stop(echo)
+    hv_rate, guest_rate = real_hv["transactions_per_s"], real_guest["transactions_per_s"]
+    return {
+        "transactions": count,
+        "hypervisor_with_minimal_guest": {
+            "transactions_per_s": hv_rate,
+            "ceiling": ceiling_hv,
+            "share_of_ceiling": round(hv_rate / ceiling_hv, 3),
+            "added_us": added_us(hv_rate, ceiling_hv),
+            "hypervisor_cpu_ms_per_transaction": real_hv["hypervisor_cpu_ms_per_transaction"],
+        },
+        "guest_with_minimal_host": {
+            "transactions_per_s": guest_rate,
+            "ceiling": ceiling_guest,
+            "share_of_ceiling": round(guest_rate / ceiling_guest, 3),
+            "added_us": added_us(guest_rate, ceiling_guest),
+        },
+    }
+
+
 # -- the run -------------------------------------------------------------------------------
 
 
-PARTS = ("ceiling", "hot-add", "growth", "virtio-mem", "fleet")
+PARTS = ("ceiling", "hot-add", "growth", "virtio-mem", "fleet", "split")
 
 
 async def run(
@@ -1122,26 +1197,29 @@ async def run(
         procs = Processes(log_dir or Path(tmp), profile_dir)
         try:
             if "ceiling" in wanted:
-                log("1/5 ceiling: raw grpc.aio bidi ping-pong")
+                log("1/6 ceiling: raw grpc.aio bidi ping-pong")
                 result["ceiling"] = await bench_ceiling(procs, sizes.ceiling_s)
             if "hot-add" in wanted:
                 log(
-                    f"2/5 hot-add round trips ({sizes.rounds} x {sizes.round_trips} x 128 MiB, "
+                    f"2/6 hot-add round trips ({sizes.rounds} x {sizes.round_trips} x 128 MiB, "
                     "each between two ceiling measurements)"
                 )
                 result["hot_add"] = await bench_hot_add(procs, sizes)
             if "growth" in wanted:
-                log(f"3/5 growth: 4 GiB -> {sizes.grow_to_bytes / GIB:.0f} GiB")
+                log(f"3/6 growth: 4 GiB -> {sizes.grow_to_bytes / GIB:.0f} GiB")
                 result["growth"] = await bench_growth(procs, sizes)
             if "virtio-mem" in wanted:
                 log(
-                    f"4/5 virtio-mem: resize 0 -> {sizes.virtio_mem_bytes / GIB:.0f} GiB "
+                    f"4/6 virtio-mem: resize 0 -> {sizes.virtio_mem_bytes / GIB:.0f} GiB "
                     "in 2 MiB device blocks"
                 )
                 result["virtio_mem"] = await bench_virtio_mem(procs, sizes)
             if "fleet" in wanted:
-                log(f"5/5 fleet: {sizes.guests} guests for {sizes.fleet_s:.0f} s")
+                log(f"5/6 fleet: {sizes.guests} guests for {sizes.fleet_s:.0f} s")
                 result["fleet"] = await bench_fleet(procs, sizes, Path(tmp))
+            if "split" in wanted:
+                log(f"6/6 split: {sizes.round_trips} hot-adds against a minimal guest, then host")
+                result["split"] = await bench_split(procs, sizes)
         except (BenchError, ChildFailed, grpc.aio.AioRpcError) as err:
             result["error"] = f"{type(err).__name__}: {err}"
             tails = procs.tails()
@@ -1424,6 +1502,26 @@ def rows(r: dict[str, Any]) -> list[Row]:
             ),
             ("   host requests to the guests", f["host_requests"] or "none", "none"),
         ]
+    sp = r.get("split")
+    if sp:
+        hvs, gs = sp["hypervisor_with_minimal_guest"], sp["guest_with_minimal_host"]
+        out += [
+            (
+                f"6. split, batched hot-adds (count {sp['transactions']}): the hypervisor with "
+                "a guest that has no model: transactions/s",
+                f"{hvs['transactions_per_s']:.0f} = {hvs['share_of_ceiling']:.0%} of "
+                f"{hvs['ceiling']:.0f}",
+                "",
+            ),
+            ("   us per transaction beyond the ping-pong", hvs["added_us"], ""),
+            (
+                "   a host with no session and the real guest: transactions/s",
+                f"{gs['transactions_per_s']:.0f} = {gs['share_of_ceiling']:.0%} of "
+                f"{gs['ceiling']:.0f}",
+                "",
+            ),
+            ("   us per transaction beyond the ping-pong", gs["added_us"], ""),
+        ]
     if "error" in r:
         out.append(("error", r["error"].splitlines()[0], ""))
     return out
@@ -1456,7 +1554,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument("--quick", action="store_true", help="a smaller, faster smoke run")
     parser.add_argument(
