@@ -113,6 +113,9 @@ class Host(dm_pb2_grpc.DynamicMemoryServicer):
         request_iterator: AsyncIterator[dm_pb2.GuestToHost],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[dm_pb2.HostToGuest]:
+        # The hypervisor's shape (hypervisor/channel.py): a reader task answers each
+        # guest message into an outbox, this generator writes the outbox to the stream,
+        # so the next read is posted while a write is still on its way.
         stream = aiter(request_iterator)
         first = await anext(stream)
         layout = dm_pb2.VmLayout(
@@ -121,7 +124,18 @@ class Host(dm_pb2_grpc.DynamicMemoryServicer):
             max_pages=MAX_PAGES,
             block_pages=BLOCK_PAGES,
         )
-        yield dm_pb2.HostToGuest(attached=dm_pb2.Attached(layout=layout))
+        outbox: asyncio.Queue[dm_pb2.HostToGuest] = asyncio.Queue()
+        outbox.put_nowait(dm_pb2.HostToGuest(attached=dm_pb2.Attached(layout=layout)))
+        reader = asyncio.create_task(self._read(stream, outbox))
+        try:
+            while True:
+                yield await outbox.get()
+        finally:
+            reader.cancel()
+
+    async def _read(
+        self, stream: AsyncIterator[dm_pb2.GuestToHost], outbox: asyncio.Queue[dm_pb2.HostToGuest]
+    ) -> None:
         sent = 0
         started = 0.0
         async for msg in stream:
@@ -129,17 +143,21 @@ class Host(dm_pb2_grpc.DynamicMemoryServicer):
             body = f.WhichOneof("body")
             if body == "version_request":
                 accepted = dm_pb2.VersionResponse(is_accepted=True)
-                yield dm_pb2.HostToGuest(frame=frame(f.trans_id, version_response=accepted))
+                outbox.put_nowait(
+                    dm_pb2.HostToGuest(frame=frame(f.trans_id, version_response=accepted))
+                )
             elif body == "capabilities_report":
                 caps = dm_pb2.CapabilitiesResponse(is_accepted=True)
-                yield dm_pb2.HostToGuest(frame=frame(f.trans_id, capabilities_response=caps))
+                outbox.put_nowait(
+                    dm_pb2.HostToGuest(frame=frame(f.trans_id, capabilities_response=caps))
+                )
                 await asyncio.sleep(1.0)  # the guest's first status report and settling
                 started = time.perf_counter()
-                yield self.request(sent)
+                outbox.put_nowait(self.request(sent))
                 sent += 1
             elif body == "hot_add_response" and sent:
                 if sent < self.count:
-                    yield self.request(sent)
+                    outbox.put_nowait(self.request(sent))
                     sent += 1
                     continue
                 seconds = time.perf_counter() - started
