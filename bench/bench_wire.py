@@ -234,16 +234,17 @@ class Processes:
         *,
         profile: bool = False,
         env: dict[str, str] | None = None,
+        ready: bool = True,
     ) -> Child:
-        """Start ``argv`` (``env`` added to the environment); ``profile``: a Python child
-        runs under cProfile (--profile DIR)."""
+        """Start ``argv`` (``env`` added to the environment; ``ready``: wait for its
+        ``--ready-file``); ``profile``: a Python child runs under cProfile (--profile DIR)."""
         n = self._names.get(name, 0)
         self._names[name] = n + 1
         if profile and self.profile_dir is not None:
             out = self.profile_dir / f"{name}{n}.prof"
             argv = [argv[0], "-m", "cProfile", "-o", str(out), *argv[1:]]
         child = await start_child(
-            f"{name}{n}", argv, timeout=START_TIMEOUT, log_dir=self.log_dir, env=env
+            f"{name}{n}", argv, ready=ready, timeout=START_TIMEOUT, log_dir=self.log_dir, env=env
         )
         self.children.append(child)
         return child
@@ -575,7 +576,7 @@ async def ping_pong(
     echo server at ``address``: one ``Connect`` stream, a frame written and its echo read,
     one at a time, for ``seconds`` (after WARMUP round trips). ``env`` is added to this
     process's environment (which carries the ``memhp`` processes' gRPC settings)."""
-    out = procs.log_dir / f"ping-{len(procs.children)}-{time.monotonic_ns()}.json"
+    out = procs.log_dir / f"ping-{time.monotonic_ns()}.json"
     argv = [
         sys.executable,
         str(BENCH / "wire_echo.py"),
@@ -588,8 +589,13 @@ async def ping_pong(
         "--out",
         str(out),
     ]
-    client = await start_child("ping", argv, ready=False, log_dir=procs.log_dir, env=env)
-    code = await asyncio.wait_for(client.process.wait(), seconds + START_TIMEOUT)
+    client = await procs.start("ping", argv, env=env, ready=False)
+    try:
+        code = await asyncio.wait_for(client.process.wait(), seconds + START_TIMEOUT)
+    except TimeoutError:
+        raise BenchError(f"the ping-pong client did not finish:\n{client.log_tail()}") from None
+    finally:
+        await procs.stop(client)
     if code != 0 or not out.exists():
         raise BenchError(f"the ping-pong client exited with {code}:\n{client.log_tail()}")
     result: dict[str, Any] = json.loads(out.read_text())
@@ -1131,12 +1137,12 @@ async def bench_split(procs: Processes, sizes: Sizes) -> dict[str, Any]:
     async with grpc.aio.insecure_channel(hv.address) as channel:
         control = Control(channel)
         await control.create_vm(vm_id, TIB)
-        stub = await procs.start(
+        minimal_guest = await procs.start(
             "dm-guest", peer_command("guest", "--hypervisor", hv.address, "--vm-id", vm_id)
         )
         await control.wait_idle(vm_id)
-        real_hv = await hot_add_batched(control, hv, stub, vm_id, count, 0)
-    await procs.stop(stub)
+        real_hv = await hot_add_batched(control, hv, minimal_guest, vm_id, count, 0)
+    await procs.stop(minimal_guest)
     await procs.stop(hv)
     ceiling_guest = (await ping_pong(procs, echo.address, seconds))["round_trips_per_s"]
     out = procs.log_dir / f"dm-host-{time.monotonic_ns()}.json"
@@ -1150,6 +1156,12 @@ async def bench_split(procs: Processes, sizes: Sizes) -> dict[str, Any]:
             raise BenchError("split: the minimal host never finished its hot-adds")
         await asyncio.sleep(POLL)
     real_guest: dict[str, Any] = json.loads(out.read_text())
+    out.unlink()
+    if real_guest["failed"]:
+        raise BenchError(
+            f"split: the real guest failed {real_guest['failed']} of {count} hot-adds "
+            "(result 0, or fewer pages than asked)"
+        )
     await procs.stop(guest)
     await procs.stop(host)
     await procs.stop(echo)
@@ -1220,7 +1232,7 @@ async def run(
             if "split" in wanted:
                 log(f"6/6 split: {sizes.round_trips} hot-adds against a minimal guest, then host")
                 result["split"] = await bench_split(procs, sizes)
-        except (BenchError, ChildFailed, grpc.aio.AioRpcError) as err:
+        except (BenchError, ChildFailed, grpc.aio.AioRpcError, TimeoutError, ValueError) as err:
             result["error"] = f"{type(err).__name__}: {err}"
             tails = procs.tails()
             if tails:

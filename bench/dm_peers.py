@@ -41,6 +41,7 @@ MAX_PAGES = (1 << 40) // PAGE
 
 
 def write_ready(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` whole: a reader polling for the file never sees half."""
     tmp = Path(path + ".tmp")
     tmp.write_text(text + "\n")
     tmp.replace(path)
@@ -137,6 +138,7 @@ class Host(dm_pb2_grpc.DynamicMemoryServicer):
         self, stream: AsyncIterator[dm_pb2.GuestToHost], outbox: asyncio.Queue[dm_pb2.HostToGuest]
     ) -> None:
         sent = 0
+        failed = 0
         started = 0.0
         async for msg in stream:
             f = msg.frame
@@ -156,6 +158,9 @@ class Host(dm_pb2_grpc.DynamicMemoryServicer):
                 outbox.put_nowait(self.request(sent))
                 sent += 1
             elif body == "hot_add_response" and sent:
+                resp = f.hot_add_response
+                if resp.result != 1 or resp.page_count != BLOCK_PAGES:
+                    failed += 1
                 if sent < self.count:
                     outbox.put_nowait(self.request(sent))
                     sent += 1
@@ -163,10 +168,11 @@ class Host(dm_pb2_grpc.DynamicMemoryServicer):
                 seconds = time.perf_counter() - started
                 result = {
                     "transactions": sent,
+                    "failed": failed,
                     "seconds": round(seconds, 4),
                     "transactions_per_s": round(sent / seconds, 1),
                 }
-                self.out.write_text(json.dumps(result) + "\n")
+                write_ready(str(self.out), json.dumps(result))  # whole, or not there
                 sent = 0  # done: later responses are ignored
 
 
