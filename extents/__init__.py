@@ -191,6 +191,16 @@ class RangeSet:
     def __bool__(self) -> bool:
         return len(self) > 0
 
+    def first(self) -> tuple[int, int] | None:
+        """The lowest range of the set (None: empty), without looking at the others."""
+        m = self._map
+        starts, values = m._starts, m._values
+        # Equal neighbours always merge, so runs alternate: the first True is run 0 or 1.
+        for k in range(min(2, len(values))):
+            if values[k]:
+                return starts[k], starts[k + 1] if k + 1 < len(starts) else m.limit
+        return None
+
     def ranges(self, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int]]:
         """The set's ranges clipped to ``[start, end)``."""
         for s, e, v in self._map.runs(start, end):

@@ -948,8 +948,15 @@ class Hypervisor:
             except RuntimeError:
                 self._write(handle, full, before)
                 return
-            handle.write_timer = loop.call_later(STATE_WRITE_DELAY, self._write, handle)
+            handle.write_timer = loop.call_later(STATE_WRITE_DELAY, self._write_deferred, handle)
         handle.writer.note(also=(before,))
+
+    def _write_deferred(self, handle: VmHandle) -> None:
+        """The timer's write: a failure is logged (the next write retries what it had)."""
+        try:
+            self._write(handle)
+        except Exception:
+            handle.log.exception("state_write_failed")
 
     def _write(
         self, handle: VmHandle, full: bool = False, before: HotAddRegion | None = None

@@ -1,10 +1,12 @@
 """The hypervisor's state file: VM definitions, policies and ground truth in SQLite.
 
-Written after every change, so a restarted hypervisor loses nothing and its guests
+Written after every change, so a stopped hypervisor loses nothing and its guests
 reattach to the same state (``--state FILE``; an in-memory database when absent). While
 a transaction is in flight the runtime may hold a write back for a few milliseconds
 (``runtime.STATE_WRITE_DELAY``) so that the steps of a batch share one; once a command
-is done (nothing in flight) everything is written.
+is done (nothing in flight), and when the hypervisor stops, everything is written. A
+hypervisor killed in the middle of a batch may lose those last milliseconds: the
+guests' reports at reattach tell it which regions they hold (``reconcile``).
 A VM's truth is one row for the VM-wide part (target, hot-add disabled, ballooned
 ranges) plus one row per hot-add region, so a change rewrites only what changed: a
 guest grown to 1 TiB in 128 MiB steps has 8192 regions, and each transaction touches
@@ -270,7 +272,7 @@ class TruthWriter:
             session.hot_add_disabled,
             len(ballooned),
             # The lowest range: a different set of the same size shows here.
-            next(iter(ballooned.ranges()), None),
+            ballooned.first(),
         )
         if not changed and vm_row == self._vm_row and not check_all:
             return False
@@ -285,9 +287,15 @@ class TruthWriter:
                 session.hot_add_disabled,
                 [[s, e] for s, e in ballooned.ranges()],
             )
-        self.store.write_truth(
-            self.vm_id, vm_state, [(s, r.snapshot()) for s, (r, _) in changed.items()], deleted
-        )
+        try:
+            self.store.write_truth(
+                self.vm_id, vm_state, [(s, r.snapshot()) for s, (r, _) in changed.items()], deleted
+            )
+        except Exception:
+            # Nothing was written: the next save must look at these again.
+            self._noted = noted + self._noted
+            self._noted_all = self._noted_all or check_all
+            raise
         for start in deleted:
             del known[start]
         for start, (_, fp) in changed.items():

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import structlog
+
 from hypervisor.runtime import STATE_WRITE_DELAY, Defaults, Hypervisor, VmHandle
 from hypervisor.store import StateStore
 from memhp import wire
@@ -86,3 +88,32 @@ def test_without_a_running_loop_every_step_writes_at_once() -> None:
         hv.guest_frame(handle, wire.to_frame(msg))
     hv.command("g1", lambda s, now: s.hot_add(BLOCK, BLOCK, now, count=2))
     assert [r["backed"] for r in stored_regions(hv)] == [[[BOOT, BOOT + BLOCK]]]
+
+
+async def test_a_deferred_write_that_fails_is_logged_and_the_next_write_has_it_all() -> None:
+    hv, handle = await attached()
+    hv.command("g1", lambda s, now: s.hot_add(BLOCK, BLOCK, now, count=3))
+    await asyncio.sleep(4 * STATE_WRITE_DELAY)
+    real = hv.store.write_truth
+    failures: list[str] = []
+
+    def failing(*args: Any, **kwargs: Any) -> None:
+        failures.append("disk full")
+        raise OSError("disk full")
+
+    hv.store.write_truth = failing  # type: ignore[method-assign]
+    with structlog.testing.capture_logs() as logs:
+        # The first response: its write waits for the timer, which fails.
+        await frame(hv, handle, HotAddResponse(tid(), page_count=BLOCK, result=1))
+        await asyncio.sleep(4 * STATE_WRITE_DELAY)
+    assert failures and handle.write_timer is None
+    assert any(e["event"] == "state_write_failed" for e in logs)
+    hv.store.write_truth = real  # type: ignore[method-assign]
+    for _ in range(2):
+        await frame(hv, handle, HotAddResponse(tid(), page_count=BLOCK, result=1))
+    assert not handle.session.busy
+    # The failed write's region (the first, now added) is in the file with the rest.
+    regions = stored_regions(hv)
+    assert [r["added"] for r in regions] == [
+        [[BOOT + i * BLOCK, BOOT + (i + 1) * BLOCK]] for i in range(3)
+    ]
