@@ -15,6 +15,9 @@ So, unless ``GRPC_EXPERIMENTS`` is already set, ``memhp`` sets it to disable the
 EventEngine experiments (``event_engine_client``, ``event_engine_listener``) for itself
 and the processes it starts. ``GRPC_EXPERIMENTS=`` (empty) keeps gRPC's defaults. gRPC
 reads the variable when it is imported, so this must stay above any ``grpc`` import.
+A program that imports ``memhp`` as a library gets the same setting (if it has not
+imported ``grpc`` yet), and so do its children. A grpcio that no longer knows these
+experiments logs that at start and runs with its own transport.
 """
 
 import os

@@ -70,6 +70,8 @@ def chunk_order(pfn: int, end: int) -> int:
     (v5.4 used ``min(MAX_ORDER - 1, get_order(end - pfn))``; for block-aligned ranges the
     two walks are the same.)
     """
+    if end <= pfn:
+        raise ValueError(f"chunk_order: empty range [{pfn:#x}, {end:#x})")
     # __ffs(pfn) is the index of the lowest set bit; the largest fitting order is
     # floor(log2(end - pfn)).
     fits = (end - pfn).bit_length() - 1
@@ -92,11 +94,8 @@ def buddy_blocks(start: int, end: int) -> list[tuple[int, int, int]]:
     out: list[tuple[int, int, int]] = []
     pfn = start
     while pfn < end:
-        fits = (end - pfn).bit_length() - 1
-        order = MAX_PAGE_ORDER if pfn == 0 else (pfn & -pfn).bit_length() - 1
-        if order > fits:
-            order = fits
-        if order >= MAX_PAGE_ORDER:
+        order = chunk_order(pfn, end)
+        if order == MAX_PAGE_ORDER:
             run = (end - pfn) >> MAX_PAGE_ORDER
             out.append((MAX_PAGE_ORDER, pfn, run))
             pfn += run << MAX_PAGE_ORDER

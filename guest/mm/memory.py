@@ -171,6 +171,9 @@ class _HotplugLock:
         self._who = who
 
     def __enter__(self) -> None:
+        holder = self._mm.hotplug_lock_holder
+        if holder is not None:
+            raise HotplugLockBusy(f"mem_hotplug_lock held by {holder}")
         self._mm.hotplug_lock_holder = self._who
 
     def __exit__(self, *exc: object) -> None:
@@ -467,8 +470,6 @@ class MemoryManager:
         Also spans the yields of :meth:`online_pages_steps`: a suspended onlining keeps
         the lock, as the kernel's does.
         """
-        if self.hotplug_lock_holder is not None:
-            raise HotplugLockBusy(f"mem_hotplug_lock held by {self.hotplug_lock_holder}")
         return _HotplugLock(self, who)
 
     def add_memory(
