@@ -385,6 +385,9 @@ def memory_state(vm: GuestVm) -> dm_pb2.GuestMemoryState:
     for has in driver.ha_regions:
         for r in dm.split_ranges(has.start_pfn, has.end_pfn - has.start_pfn):
             state.regions.append(range_to_pb(r))
+        held = state.held.add(start_page=has.start_pfn, page_count=has.end_pfn - has.start_pfn)
+        for s, e in has.backed_ranges(has.start_pfn, has.end_pfn):
+            held.added.extend(range_to_pb(r) for r in dm.split_ranges(s, e - s))
     top = max((b.end_pfn for b in mm.blocks.values()), default=0)
     for s, e, page in mm.pages.runs(0, top):
         if page.kind == PAGE_OFFLINE and page.owner == OWNER_BALLOON:

@@ -19,7 +19,7 @@ import structlog
 from google.protobuf.message import Message
 
 from hypervisor.control import STATUS
-from hypervisor.reconcile import GuestState
+from hypervisor.reconcile import GuestState, HeldRegion
 from hypervisor.runtime import Hypervisor, ServiceError, VmHandle
 from memhp.logs import get_logger
 from memhp.v1 import dm_pb2, dm_pb2_grpc
@@ -34,6 +34,12 @@ def guest_state_from_pb(state: dm_pb2.GuestMemoryState) -> GuestState:
         regions=tuple((r.start_page, r.page_cnt) for r in state.regions),
         pages_added=state.pages_added,
         ballooned=tuple((r.start_page, r.page_cnt) for r in state.ballooned),
+        held=tuple(
+            HeldRegion(
+                h.start_page, h.page_count, tuple((a.start_page, a.page_cnt) for a in h.added)
+            )
+            for h in state.held
+        ),
     )
 
 

@@ -16,6 +16,14 @@ nothing is offered twice:
   taken back from the top;
 - the ballooned ranges the guest reports are ballooned in the host's truth.
 
+A memhp guest also lists its regions one by one with the pages it added in each
+(``GuestMemoryState.held``). Then the match is exact: each region the host did not know
+is adopted on its own (neighbours stay apart), and every held region's added pages are
+the guest's, page by page (what the host had not backed yet is backed: it was offered).
+That is what a hypervisor killed in the middle of a batch needs, whose state file may
+lack the last few milliseconds. Without the list, the rules above place the
+``pages_added`` total.
+
 Pure: works on :class:`GroundTruth`; :func:`reattach` applies it to a session through
 its snapshot.
 """
@@ -30,12 +38,26 @@ from hypervisor.ground_truth import GroundTruth, HotAddRegion
 
 
 @dataclass(frozen=True)
+class HeldRegion:
+    """One region a reattaching guest holds (``HeldRegion``), with the pages it added."""
+
+    start: int
+    pages: int
+    added: tuple[tuple[int, int], ...] = ()
+
+
+@dataclass(frozen=True)
 class GuestState:
-    """What a reattaching guest reports (``GuestMemoryState``), as ``(start, pages)`` pairs."""
+    """What a reattaching guest reports (``GuestMemoryState``), as ``(start, pages)`` pairs.
+
+    ``held`` (empty from a guest that does not send it) lists the regions one by one with
+    their added pages: then reconciling is exact, region by region and page by page.
+    """
 
     regions: tuple[tuple[int, int], ...] = ()
     pages_added: int = 0
     ballooned: tuple[tuple[int, int], ...] = ()
+    held: tuple[HeldRegion, ...] = ()
 
 
 @dataclass
@@ -88,7 +110,13 @@ def reconcile(
     stream broke: the first place unreported added pages go.
     """
     report = ReconcileReport()
-    held = _windows(truth, state.regions, "guest region", report)
+    regions = _held_regions(truth, state.held, report) if state.held else None
+    if regions is None:
+        held = _windows(truth, state.regions, "guest region", report)
+    else:
+        held = RangeSet()
+        for start, end, _ in regions:
+            held.add(start, end)
     # 1. Host regions: held or not.
     for region in truth.regions:
         if held.disjoint(region.start, region.end):
@@ -103,9 +131,11 @@ def reconcile(
         else:
             region.guest_known = True
             report.held_regions += 1
-    # 2. Guest regions the host never placed.
+    # 2. Guest regions the host never placed (one by one when the guest listed them so:
+    # neighbours stay apart).
     adopted: list[HotAddRegion] = []
-    for start, end in list(held.ranges()):
+    spans = list(held.ranges()) if regions is None else [(s, e) for s, e, _ in regions]
+    for start, end in spans:
         for s, e in list(truth.windows.holes(start, end)):
             region = truth.place_region(s, e - s)
             region.guest_known = True
@@ -114,8 +144,12 @@ def reconcile(
             report.adopted_regions += 1
             report.notes.append(f"adopted guest region [{s:#x}, {e:#x}) the host did not know")
     # 3. Added pages.
-    host_added = sum(r.added_pages for r in truth.regions)
-    extra = state.pages_added - host_added
+    if regions is not None:
+        _match_added(truth, held, regions, report)
+        extra = 0
+    else:
+        host_added = sum(r.added_pages for r in truth.regions)
+        extra = state.pages_added - host_added
     if extra > 0:
         extra = _place_extra(truth, held, adopted, extra, in_flight, report)
         if extra:
@@ -134,6 +168,67 @@ def reconcile(
                 truth.balloon(a, b)
                 report.ballooned += b - a
     return report
+
+
+def _held_regions(
+    truth: GroundTruth, held: tuple[HeldRegion, ...], report: ReconcileReport
+) -> list[tuple[int, int, RangeSet]]:
+    """The guest's regions that fit the hotplug window and none before them, each with its
+    added pages clipped to it (what does not fit is noted and left out)."""
+    cfg = truth.config
+    out: list[tuple[int, int, RangeSet]] = []
+    taken = RangeSet()
+    for h in held:
+        start, end = h.start, h.start + h.pages
+        if h.pages <= 0 or start < cfg.boot_pages or end > cfg.max_pages:
+            report.notes.append(
+                f"guest region [{start:#x}, {end:#x}) ignored: outside the hotplug window "
+                f"[{cfg.boot_pages:#x}, {cfg.max_pages:#x})"
+            )
+            continue
+        if not taken.disjoint(start, end):
+            report.notes.append(f"guest region [{start:#x}, {end:#x}) ignored: overlaps another")
+            continue
+        taken.add(start, end)
+        added = RangeSet()
+        for a, n in h.added:
+            if n <= 0:
+                continue
+            if a < start or a + n > end:
+                report.notes.append(
+                    f"added [{a:#x}, {a + n:#x}) ignored: outside its region [{start:#x}, {end:#x})"
+                )
+                continue
+            added.add(a, a + n)
+        out.append((start, end, added))
+    return out
+
+
+def _match_added(
+    truth: GroundTruth,
+    held: RangeSet,
+    regions: list[tuple[int, int, RangeSet]],
+    report: ReconcileReport,
+) -> None:
+    """Make every held host region's added pages exactly the guest's (backing what the
+    guest added that the host's truth had not backed yet: the host offered it)."""
+    guest_added = RangeSet()
+    for _, _, added in regions:
+        for s, e in added.ranges():
+            guest_added.add(s, e)
+    for region in truth.regions:
+        if held.disjoint(region.start, region.end):
+            continue
+        for s, e in list(region.added.ranges()):
+            for a, b in list(guest_added.holes(s, e)):
+                _unadd(truth, region, a, b)
+                report.added_removed += b - a
+        for s, e in list(guest_added.ranges(region.start, region.end)):
+            for a, b in list(region.added.holes(s, e)):
+                for c, d in list(region.backed.holes(a, b)):
+                    truth.back(region, c, d)
+                truth.record_added(region, a, b)
+                report.added_placed += b - a
 
 
 def _unadd(truth: GroundTruth, region: HotAddRegion, start: int, end: int) -> None:

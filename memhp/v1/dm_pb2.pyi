@@ -532,15 +532,25 @@ class GuestMemoryState(_message.Message):
     REGIONS_FIELD_NUMBER: _builtins.int
     PAGES_ADDED_FIELD_NUMBER: _builtins.int
     BALLOONED_FIELD_NUMBER: _builtins.int
+    HELD_FIELD_NUMBER: _builtins.int
     pages_added: _builtins.int
     """Pages the guest reported added (num_pages_added)."""
     @_builtins.property
     def regions(self) -> _containers.RepeatedCompositeFieldContainer[Global___PageRange]:
-        """Hot-added regions the guest holds (start, size), in pages."""
+        """Hot-added regions the guest holds (start, size), in pages; a region longer than a
+        PageRange holds comes as consecutive pieces, and neighbouring regions run together.
+        """
 
     @_builtins.property
     def ballooned(self) -> _containers.RepeatedCompositeFieldContainer[Global___PageRange]:
         """Pages the guest holds ballooned (num_pages_ballooned)."""
+
+    @_builtins.property
+    def held(self) -> _containers.RepeatedCompositeFieldContainer[Global___HeldRegion]:
+        """The same regions one by one, each with the pages the guest added in it (what a
+        memhp guest sends). With it the host reconciles region by region and page by page;
+        without it (a guest that leaves it out) from `regions` and the `pages_added` total.
+        """
 
     def __init__(
         self,
@@ -548,14 +558,48 @@ class GuestMemoryState(_message.Message):
         regions: _abc.Iterable[Global___PageRange] | None = ...,
         pages_added: _builtins.int = ...,
         ballooned: _abc.Iterable[Global___PageRange] | None = ...,
+        held: _abc.Iterable[Global___HeldRegion] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ballooned", b"ballooned", "pages_added", b"pages_added", "regions", b"regions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ballooned", b"ballooned", "held", b"held", "pages_added", b"pages_added", "regions", b"regions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GuestMemoryState: _TypeAlias = GuestMemoryState  # noqa: Y015
+
+@_typing.final
+class HeldRegion(_message.Message):
+    """One hv_hotadd_state a reattaching guest holds."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_PAGE_FIELD_NUMBER: _builtins.int
+    PAGE_COUNT_FIELD_NUMBER: _builtins.int
+    ADDED_FIELD_NUMBER: _builtins.int
+    start_page: _builtins.int
+    """The region: [start_page, start_page + page_count), in pages."""
+    page_count: _builtins.int
+    @_builtins.property
+    def added(self) -> _containers.RepeatedCompositeFieldContainer[Global___PageRange]:
+        """The pages of the region the guest counts as added (has_pfn_is_backed: the covered
+        range less its gaps), ascending; long runs as consecutive pieces.
+        """
+
+    def __init__(
+        self,
+        *,
+        start_page: _builtins.int = ...,
+        page_count: _builtins.int = ...,
+        added: _abc.Iterable[Global___PageRange] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["added", b"added", "page_count", b"page_count", "start_page", b"start_page"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HeldRegion: _TypeAlias = HeldRegion  # noqa: Y015
 
 @_typing.final
 class Attach(_message.Message):

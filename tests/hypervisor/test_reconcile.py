@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from hypervisor.dm_host import DmHostSession
 from hypervisor.ground_truth import GroundTruth
-from hypervisor.reconcile import GuestState, reattach, reconcile
+from hypervisor.reconcile import GuestState, HeldRegion, reattach, reconcile
 from hypervisor.vm import VmConfig
 from memhp.dm import BalloonResponse, HotAddRequest, HotAddResponse, PageRange
 from tests.hypervisor.helpers import BLOCK, BOOT, MAX, negotiate, ready, tid
@@ -120,3 +120,60 @@ def test_reconcile_result_survives_a_snapshot() -> None:
     t = DmHostSession.from_snapshot(CFG, s.snapshot())
     assert t.current_pages == s.current_pages
     assert [r.snapshot() for r in t.regions] == [r.snapshot() for r in s.regions]
+
+
+# -- a guest that lists its regions one by one (GuestMemoryState.held) -------------------
+
+
+def test_neighbouring_regions_the_host_lost_are_adopted_one_by_one_with_their_pages() -> None:
+    """The state file lagged a batch: two neighbouring 4-block regions the guest holds are
+    unknown to the host. Each becomes a host region of its own size, with exactly the
+    pages the guest added in it (3 of 4 blocks each), not one region filled from the start."""
+    s = with_region(backed=3 * BLOCK, added=3 * BLOCK)
+    r2, r3 = R1 + 4 * BLOCK, R1 + 8 * BLOCK
+    held = tuple(HeldRegion(start, 4 * BLOCK, ((start, 3 * BLOCK),)) for start in (R1, r2, r3))
+    state = GuestState(regions=((R1, 12 * BLOCK),), pages_added=9 * BLOCK, held=held)
+    report = reattach(s, state)
+    assert report.adopted_regions == 2 and report.held_regions == 1
+    assert [(r.start, r.size) for r in s.regions] == [
+        (R1, 4 * BLOCK),
+        (r2, 4 * BLOCK),
+        (r3, 4 * BLOCK),
+    ]
+    for region in s.regions:
+        assert list(region.added.ranges()) == [(region.start, region.start + 3 * BLOCK)]
+        assert list(region.backed.ranges()) == [(region.start, region.start + 3 * BLOCK)]
+    assert report.added_placed == 6 * BLOCK and report.added_removed == 0
+    assert s.current_pages == BOOT + 9 * BLOCK
+    # Adopted regions take no more hot-add; the one the host knew does.
+    assert [r.unusable for r in s.regions] == [False, True, True]
+
+
+def test_the_guests_pages_win_page_by_page_in_a_region_the_host_knows() -> None:
+    """The host counted blocks 0-2 added; the guest has 0-1 and 3 (backed later into the
+    top, an answer the host lost): the host's truth becomes the guest's, block for block."""
+    s = with_region(backed=3 * BLOCK, added=3 * BLOCK)
+    added = ((R1, 2 * BLOCK), (R1 + 3 * BLOCK, BLOCK))
+    state = GuestState(
+        regions=((R1, 4 * BLOCK),), pages_added=3 * BLOCK, held=(HeldRegion(R1, 4 * BLOCK, added),)
+    )
+    report = reattach(s, state)
+    r = s.regions[0]
+    assert list(r.added.ranges()) == [(R1, R1 + 2 * BLOCK), (R1 + 3 * BLOCK, R1 + 4 * BLOCK)]
+    assert r.backed.covers(R1 + 3 * BLOCK, R1 + 4 * BLOCK)
+    assert report.added_placed == BLOCK and report.added_removed == BLOCK
+    assert s.current_pages == BOOT + 3 * BLOCK
+
+
+def test_held_regions_that_cannot_be_are_noted_and_left_out() -> None:
+    truth = GroundTruth(CFG)
+    held = (
+        HeldRegion(0, BLOCK),  # boot memory
+        HeldRegion(MAX, BLOCK),  # past the maximum
+        HeldRegion(R1, 4 * BLOCK, ((R1 - BLOCK, 2 * BLOCK), (R1, BLOCK))),  # one added outside
+        HeldRegion(R1 + 2 * BLOCK, 4 * BLOCK),  # overlaps the one before
+    )
+    report = reconcile(truth, GuestState(held=held))
+    assert [(r.start, r.size) for r in truth.regions] == [(R1, 4 * BLOCK)]
+    assert list(truth.regions[0].added.ranges()) == [(R1, R1 + BLOCK)]
+    assert sum("ignored" in n for n in report.notes) == 4 and report.adopted_regions == 1
