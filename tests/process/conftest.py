@@ -212,6 +212,20 @@ async def watching(
             await watcher.task
 
 
+async def wait_vm(
+    hv: HvProcess, vm_id: str, predicate: Callable[[control_pb2.Vm], Any], timeout: float = 5.0
+) -> control_pb2.Vm:
+    """``GetVm`` every 20 ms until ``predicate`` holds (AssertionError after ``timeout``)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        vm = await hv.get_vm(vm_id)
+        if predicate(vm):
+            return vm
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"VM {vm_id} never matched: {vm}")
+        await asyncio.sleep(0.02)
+
+
 StartHypervisor = Callable[..., Awaitable[HvProcess]]
 
 

@@ -27,6 +27,7 @@ from tests.process.conftest import (
     HvProcess,
     StartHypervisor,
     tid,
+    wait_vm,
     watching,
 )
 
@@ -301,19 +302,6 @@ async def test_connect_rules(hv: HvProcess, guests: list[FakeGuest]) -> None:
         assert (err.value.details() or "").startswith("introspection_address: "), bad
     listed = await hv.control.ListVms(control_pb2.ListVmsRequest())
     assert "addr" not in [v.spec.vm_id for v in listed.vms]
-
-
-async def wait_vm(
-    hv: HvProcess, vm_id: str, predicate: Callable[[control_pb2.Vm], Any], timeout: float = 5.0
-) -> control_pb2.Vm:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        vm = await hv.get_vm(vm_id)
-        if predicate(vm):
-            return vm
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"VM {vm_id} never matched: {vm}")
-        await asyncio.sleep(0.02)
 
 
 async def test_config_file_and_no_default_vm(

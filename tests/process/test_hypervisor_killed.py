@@ -8,15 +8,13 @@ side, and the VM must take new hot-adds afterwards.
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest_asyncio
 
 from memhp.v1 import control_pb2
-from tests.process.conftest import GIB, MIB, HvProcess, StartHypervisor
+from tests.process.conftest import GIB, MIB, StartHypervisor, wait_vm
 from tests.process.conftest_guest import GuestProcess, guest_children, start_guest
 
 PAGE = 4096
@@ -30,22 +28,6 @@ async def children() -> AsyncIterator[list[GuestProcess]]:
         yield started
 
 
-async def poll_vm(
-    hv: HvProcess, vm_id: str, ok: object, what: str, timeout: float = 30.0
-) -> control_pb2.Vm:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            vm = await hv.get_vm(vm_id)
-        except Exception:  # the restarted hypervisor is still coming up
-            vm = None
-        if vm is not None and ok(vm):  # type: ignore[operator]
-            return vm
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}: {vm}")
-        await asyncio.sleep(0.02)
-
-
 async def test_killed_mid_batch_restarted_on_its_state_file_loses_nothing(
     start_hypervisor: StartHypervisor, children: list[GuestProcess], tmp_path: Path
 ) -> None:
@@ -55,19 +37,17 @@ async def test_killed_mid_batch_restarted_on_its_state_file_loses_nothing(
     await hv.create_vm("k", boot=4 * GIB, max_bytes=256 * GIB, block=BLOCK)
     guest = await start_guest(tmp_path, hv.address, "--auto-online", "online", vm_id="k")
     children.append(guest)
-    await poll_vm(hv, "k", lambda v: v.dm_state == "IDLE", "negotiation")
+    await wait_vm(hv, "k", lambda v: v.dm_state == "IDLE", timeout=30.0)
     await hv.control.HotAdd(
         control_pb2.HotAddCommand(vm_id="k", region_bytes=BLOCK, backed_bytes=96 * MIB, count=BATCH)
     )
-    mid = await poll_vm(hv, "k", lambda v: v.transactions.completed >= 200, "a batch under way")
+    mid = await wait_vm(hv, "k", lambda v: v.transactions.completed >= 200, timeout=30.0)
     assert mid.busy
     hv.child.process.kill()  # SIGKILL: no shutdown write
     await hv.child.process.wait()
 
     hv2 = await start_hypervisor("--listen", f"127.0.0.1:{port}", state=state)
-    vm = await poll_vm(
-        hv2, "k", lambda v: v.attached and v.dm_state == "IDLE", "reattach", timeout=60.0
-    )
+    vm = await wait_vm(hv2, "k", lambda v: v.attached and v.dm_state == "IDLE", timeout=60.0)
     held = await guest.memory()
     held_regions = [(r.start_pfn, r.end_pfn - r.start_pfn) for r in held.regions]
     assert len(held_regions) >= 200
@@ -89,11 +69,8 @@ async def test_killed_mid_batch_restarted_on_its_state_file_loses_nothing(
     await hv2.control.HotAdd(
         control_pb2.HotAddCommand(vm_id="k", region_bytes=BLOCK, backed_bytes=BLOCK, count=5)
     )
-    after = await poll_vm(
-        hv2,
-        "k",
-        lambda v: not v.busy and v.transactions.completed >= 5,
-        "the new hot-adds",
+    after = await wait_vm(
+        hv2, "k", lambda v: not v.busy and v.transactions.completed >= 5, timeout=30.0
     )
     final = await guest.memory()
     assert len(final.regions) == len(held_regions) + 5
