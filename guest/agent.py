@@ -75,7 +75,7 @@ from guest.vm import HYPERV_DM, VIRTIO_MEM, GuestConfig, GuestVm
 from guest.workload import Workload, WorkloadSpec
 from memhp import dm
 from memhp import virtio_mem as vmem
-from memhp.logs import get_logger
+from memhp.logs import get_logger, logs_at
 from memhp.units import PAGE_SIZE
 from memhp.v1 import dm_pb2, dm_pb2_grpc, virtio_mem_pb2, virtio_mem_pb2_grpc
 from memhp.wire import from_frame, range_to_pb, to_frame
@@ -439,11 +439,10 @@ class GuestAgent:
         self._clock = clock
         self._rng = rng or random.Random()
         self.log = get_logger("guest.agent").bind(vm=options.vm_id)
-        # structlog's filtering loggers fix their level when bound: ask once, so that an
-        # event below it costs nothing on the path that answers the host.
-        enabled = getattr(self.log, "is_enabled_for", None)
-        self._logs_debug = enabled is None or bool(enabled(logging.DEBUG))
-        self._logs_info = enabled is None or bool(enabled(logging.INFO))
+        # Asked once: an event below the level then costs nothing on the path that
+        # answers the host.
+        self._logs_debug = logs_at(self.log, logging.DEBUG)
+        self._logs_info = logs_at(self.log, logging.INFO)
         self.vm: GuestVm | None = None
         self.layout: Layout | None = None
         self.workload: Workload | None = None

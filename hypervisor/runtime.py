@@ -48,7 +48,7 @@ from hypervisor.virtio_mem_host import VirtioMemDevice
 from hypervisor.vm import VmConfig
 from memhp import dm, wire
 from memhp import virtio_mem as vmem
-from memhp.logs import get_logger
+from memhp.logs import get_logger, logs_at
 from memhp.units import PAGE_SHIFT
 from memhp.v1 import dm_pb2, virtio_mem_pb2
 from memhp.virtio_mem import VirtioMemProtocolError
@@ -301,11 +301,9 @@ class VmHandle:
     write_timer: asyncio.TimerHandle | None = None
 
     def __post_init__(self) -> None:
-        # structlog's filtering loggers fix their level when bound: ask once, so that an
-        # event below it costs no keyword arguments.
-        enabled = getattr(self.log, "is_enabled_for", None)
-        self.logs_debug = enabled is None or bool(enabled(logging.DEBUG))
-        self.logs_info = enabled is None or bool(enabled(logging.INFO))
+        # Asked once: an event below the level then costs no keyword arguments.
+        self.logs_debug = logs_at(self.log, logging.DEBUG)
+        self.logs_info = logs_at(self.log, logging.INFO)
 
     @property
     def vm_id(self) -> str:

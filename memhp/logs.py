@@ -68,3 +68,14 @@ def get_logger(name: str) -> structlog.stdlib.BoundLogger:
         )
     logger: structlog.stdlib.BoundLogger = structlog.get_logger(name)
     return logger
+
+
+def logs_at(logger: object, level: int) -> bool:
+    """Whether ``logger`` emits events at ``level`` (``logging.DEBUG``, ...).
+
+    structlog's filtering loggers fix their level when bound, so a hot path asks once and
+    skips building the keyword arguments of an event that would be dropped. A logger
+    that cannot tell is taken to emit everything.
+    """
+    enabled = getattr(logger, "is_enabled_for", None)
+    return enabled is None or bool(enabled(level))
