@@ -84,20 +84,28 @@ class ReconcileReport:
         }
 
 
+def _in_window(
+    truth: GroundTruth, start: int, pages: int, what: str, report: ReconcileReport
+) -> bool:
+    """Whether ``[start, start+pages)`` lies in the hotplug window (noted when it does not)."""
+    cfg = truth.config
+    end = start + pages
+    if pages <= 0 or start < cfg.boot_pages or end > cfg.max_pages:
+        report.notes.append(
+            f"{what} [{start:#x}, {end:#x}) ignored: outside the hotplug window "
+            f"[{cfg.boot_pages:#x}, {cfg.max_pages:#x})"
+        )
+        return False
+    return True
+
+
 def _windows(
     truth: GroundTruth, pairs: tuple[tuple[int, int], ...], what: str, report: ReconcileReport
 ) -> RangeSet:
-    cfg = truth.config
     out = RangeSet()
     for start, pages in pairs:
-        end = start + pages
-        if pages <= 0 or start < cfg.boot_pages or end > cfg.max_pages:
-            report.notes.append(
-                f"{what} [{start:#x}, {end:#x}) ignored: outside the hotplug window "
-                f"[{cfg.boot_pages:#x}, {cfg.max_pages:#x})"
-            )
-            continue
-        out.add(start, end)
+        if _in_window(truth, start, pages, what, report):
+            out.add(start, start + pages)
     return out
 
 
@@ -175,16 +183,11 @@ def _held_regions(
 ) -> list[tuple[int, int, RangeSet]]:
     """The guest's regions that fit the hotplug window and none before them, each with its
     added pages clipped to it (what does not fit is noted and left out)."""
-    cfg = truth.config
     out: list[tuple[int, int, RangeSet]] = []
     taken = RangeSet()
     for h in held:
         start, end = h.start, h.start + h.pages
-        if h.pages <= 0 or start < cfg.boot_pages or end > cfg.max_pages:
-            report.notes.append(
-                f"guest region [{start:#x}, {end:#x}) ignored: outside the hotplug window "
-                f"[{cfg.boot_pages:#x}, {cfg.max_pages:#x})"
-            )
+        if not _in_window(truth, h.start, h.pages, "guest region", report):
             continue
         if not taken.disjoint(start, end):
             report.notes.append(f"guest region [{start:#x}, {end:#x}) ignored: overlaps another")
