@@ -32,19 +32,13 @@ from typing import Any
 import grpc
 
 from memhp import dm
+from memhp.procs import write_ready_file
 from memhp.v1 import dm_pb2, dm_pb2_grpc
 
 PAGE = 4096
 BLOCK_PAGES = (128 << 20) // PAGE
 BOOT_PAGES = (4 << 30) // PAGE
 MAX_PAGES = (1 << 40) // PAGE
-
-
-def write_ready(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` whole: a reader polling for the file never sees half."""
-    tmp = Path(path + ".tmp")
-    tmp.write_text(text + "\n")
-    tmp.replace(path)
 
 
 def frame(trans_id: int, **body: Any) -> dm_pb2.DmFrame:
@@ -70,7 +64,7 @@ async def run_guest(hypervisor: str, vm_id: str, ready_file: str) -> int:
         )
         await call.write(dm_pb2.GuestToHost(frame=frame(2, capabilities_report=caps)))
         await call.read()
-        write_ready(ready_file, vm_id)
+        write_ready_file(ready_file, vm_id)
         trans_id = 2
 
         async def answer() -> None:
@@ -172,7 +166,7 @@ class Host(dm_pb2_grpc.DynamicMemoryServicer):
                     "seconds": round(seconds, 4),
                     "transactions_per_s": round(sent / seconds, 1),
                 }
-                write_ready(str(self.out), json.dumps(result))  # whole, or not there
+                write_ready_file(self.out, json.dumps(result))  # whole, or not there
                 sent = 0  # done: later responses are ignored
 
 
@@ -184,7 +178,7 @@ async def run_host(count: int, out: Path, ready_file: str) -> int:
     dm_pb2_grpc.add_DynamicMemoryServicer_to_server(Host(count, out), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    write_ready(ready_file, f"127.0.0.1:{port}")
+    write_ready_file(ready_file, f"127.0.0.1:{port}")
     await stop.wait()
     await server.stop(grace=0.5)
     return 0

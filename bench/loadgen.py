@@ -26,10 +26,8 @@ import asyncio
 import contextlib
 import itertools
 import json
-import os
 import signal
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -38,6 +36,7 @@ from typing import Any
 import grpc
 
 from memhp import dm
+from memhp.procs import write_ready_file
 from memhp.v1 import dm_pb2, dm_pb2_grpc
 from memhp.wire import from_frame, to_frame
 
@@ -156,13 +155,6 @@ class LoadGuest:
             self.call.cancel()
         if self.channel is not None:
             await self.channel.close(None)
-
-
-def write_ready_file(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text + "\n")
-    os.replace(tmp, path)
 
 
 async def run(args: argparse.Namespace) -> int:

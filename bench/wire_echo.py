@@ -28,6 +28,7 @@ from typing import Any
 
 import grpc
 
+from memhp.procs import write_ready_file
 from memhp.v1 import dm_pb2, dm_pb2_grpc
 
 PAGE = 4096
@@ -55,9 +56,7 @@ async def serve(ready_file: str) -> int:
     dm_pb2_grpc.add_DynamicMemoryServicer_to_server(Echo(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    tmp = Path(ready_file + ".tmp")
-    tmp.write_text(f"127.0.0.1:{port}\n")
-    tmp.replace(ready_file)
+    write_ready_file(ready_file, f"127.0.0.1:{port}")
     await stop.wait()
     await server.stop(grace=0.5)
     return 0

@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import math
 import os
 import signal
 import socket
 import sys
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -46,6 +44,7 @@ from guest.workload import WorkloadError, WorkloadSpec
 from memhp.events import TopicError, check_vm_level
 from memhp.logs import get_logger
 from memhp.mqtt import DEFAULT_QUEUE, MqttPublisher, broker_url_arg, queue_size_arg
+from memhp.procs import write_ready_file
 from memhp.v1 import guest_pb2, guest_pb2_grpc
 from memhp.virtio_mem import VirtioMemConfig
 
@@ -281,20 +280,6 @@ def advertised_address(host: str, port: int) -> str:
     if host in ("0.0.0.0", "[::]", "::", ""):
         host = socket.gethostname()
     return f"{host}:{port}"
-
-
-def write_ready_file(path: Path, address: str) -> None:
-    """``address`` and a newline, replacing ``path`` atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{address}\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _run(args: argparse.Namespace) -> int:

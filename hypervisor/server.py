@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from hypervisor.virtio_mem_channel import VirtioMemServicer
 from hypervisor.vm import VmConfig
 from memhp.logs import get_logger
 from memhp.mqtt import DEFAULT_QUEUE, BrokerUrl, MqttPublisher
+from memhp.procs import write_ready_file
 from memhp.v1 import (
     control_pb2,
     control_pb2_grpc,
@@ -67,19 +67,6 @@ class Options:
     #: Publish events and state here (None: no MQTT at all).
     mqtt: BrokerUrl | None = None
     mqtt_queue: int = DEFAULT_QUEUE
-
-
-def write_ready_file(path: Path, address: str) -> None:
-    """Write ``HOST:PORT\\n`` atomically: a reader sees all of it or no file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(address + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _host_of(listen: str) -> str:

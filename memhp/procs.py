@@ -69,6 +69,23 @@ def memhp_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "memhp.cli", *args]
 
 
+def write_ready_file(path: Path | str, text: str) -> None:
+    """Write ``text`` and a newline to ``path`` atomically (a temporary file in the same
+    folder, then a rename): a reader polling for the file sees all of it or nothing.
+    The other side of :func:`start_child`'s ``--ready-file``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{text}\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 async def start_child(
     name: str,
     argv: list[str],

@@ -35,6 +35,7 @@ import grpc
 
 from memhp import codec, dm, wire
 from memhp.logs import get_logger
+from memhp.procs import write_ready_file
 from memhp.v1 import dm_pb2, dm_pb2_grpc
 
 log = get_logger("memhp.trace")
@@ -228,9 +229,7 @@ async def record(
             host = listen.rsplit(":", 1)[0]
             log.info("trace proxy listening", address=f"{host}:{port}", upstream=upstream)
             if ready_file:
-                tmp = Path(ready_file + ".tmp")
-                tmp.write_text(f"{host}:{port}\n")
-                tmp.replace(ready_file)
+                write_ready_file(ready_file, f"{host}:{port}")
             await stop.wait()
             await server.stop(grace=1.0)
         log.info("trace written", frames=writer.frames, path=str(out_path))
