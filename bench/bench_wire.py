@@ -91,6 +91,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import wire_echo
 from loadgen import COMMITTED_BASE
 from machine import describe
 
@@ -204,11 +205,7 @@ def cpu_seconds(pid: int) -> float:
 
 def percentile(values: list[float], q: float) -> float:
     """Nearest-rank percentile (q in 0..100)."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
-    return ordered[rank - 1]
+    return wire_echo.percentile(sorted(values), q) if values else float("nan")
 
 
 def ms(seconds: float) -> float:

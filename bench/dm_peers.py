@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from wire_echo import serve
 
 from memhp import dm
 from memhp.procs import write_ready_file
@@ -170,20 +171,6 @@ class Host(dm_pb2_grpc.DynamicMemoryServicer):
                 sent = 0  # done: later responses are ignored
 
 
-async def run_host(count: int, out: Path, ready_file: str) -> int:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    server = grpc.aio.server()
-    dm_pb2_grpc.add_DynamicMemoryServicer_to_server(Host(count, out), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    write_ready_file(ready_file, f"127.0.0.1:{port}")
-    await stop.wait()
-    await server.stop(grace=0.5)
-    return 0
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="role", required=True)
@@ -198,7 +185,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.role == "guest":
         return asyncio.run(run_guest(args.hypervisor, args.vm_id, args.ready_file))
-    return asyncio.run(run_host(args.count, args.out, args.ready_file))
+    return asyncio.run(serve(Host(args.count, args.out), args.ready_file))
 
 
 if __name__ == "__main__":

@@ -47,13 +47,15 @@ class Echo(dm_pb2_grpc.DynamicMemoryServicer):
             yield dm_pb2.HostToGuest(frame=item.frame)
 
 
-async def serve(ready_file: str) -> int:
+async def serve(servicer: dm_pb2_grpc.DynamicMemoryServicer, ready_file: str) -> int:
+    """Serve ``servicer`` on 127.0.0.1 (port 0; the address goes to ``ready_file``) until
+    SIGTERM or SIGINT (bench/dm_peers.py's host serves through this too)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     server = grpc.aio.server()
-    dm_pb2_grpc.add_DynamicMemoryServicer_to_server(Echo(), server)
+    dm_pb2_grpc.add_DynamicMemoryServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     write_ready_file(ready_file, f"127.0.0.1:{port}")
@@ -124,7 +126,7 @@ def main() -> int:
         return 0
     if not args.ready_file:
         parser.error("give --ready-file (serve) or --client HOST:PORT")
-    return asyncio.run(serve(args.ready_file))
+    return asyncio.run(serve(Echo(), args.ready_file))
 
 
 if __name__ == "__main__":
