@@ -25,6 +25,7 @@ from memhp import dm
 from memhp.procs import Child, memhp_command, start_child
 from memhp.v1 import control_pb2, control_pb2_grpc, dm_pb2, dm_pb2_grpc
 from memhp.wire import from_frame, to_frame
+from tests.process.conftest_guest import GuestProcess, guest_children
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -252,6 +253,13 @@ async def start_hypervisor(tmp_path: Path) -> AsyncIterator[StartHypervisor]:
             with contextlib.suppress(Exception):
                 await hv.channel.close(None)
             await hv.child.stop()
+
+
+@pytest_asyncio.fixture
+async def guest_processes() -> AsyncIterator[list[GuestProcess]]:
+    """Real ``memhp guest`` children a test starts (append them); all stopped at the end."""
+    async with guest_children() as started:
+        yield started
 
 
 @pytest_asyncio.fixture

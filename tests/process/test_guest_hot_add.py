@@ -19,7 +19,6 @@ from tests.process.conftest_guest import (
     BLOCK,
     FakeHypervisor,
     GuestProcess,
-    guest_children,
     running_hypervisor,
     start_guest,
     wait_until,
@@ -34,21 +33,15 @@ async def hv() -> AsyncIterator[FakeHypervisor]:
         yield h
 
 
-@pytest_asyncio.fixture
-async def children() -> AsyncIterator[list[GuestProcess]]:
-    async with guest_children() as started:
-        yield started
-
-
 def responses(hv: FakeHypervisor) -> list[dm.HotAddResponse]:
     return [m for _, m in hv.stream.of(dm.HotAddResponse)]
 
 
 async def test_attach_negotiate_and_partial_backing(
-    hv: FakeHypervisor, children: list[GuestProcess], tmp_path: Path
+    hv: FakeHypervisor, guest_processes: list[GuestProcess], tmp_path: Path
 ) -> None:
     guest = await start_guest(tmp_path, hv.address, "--udev-online", "online_movable")
-    children.append(guest)
+    guest_processes.append(guest)
     stream = await hv.negotiated()
     # First attach: who it is, no memory state yet; then 2.0 is proposed and accepted.
     assert stream.attach.vm_id == "vm1"
@@ -114,10 +107,10 @@ async def test_attach_negotiate_and_partial_backing(
 
 
 async def test_host_reset_makes_the_guest_renegotiate_on_the_same_stream(
-    hv: FakeHypervisor, children: list[GuestProcess], tmp_path: Path
+    hv: FakeHypervisor, guest_processes: list[GuestProcess], tmp_path: Path
 ) -> None:
     guest = await start_guest(tmp_path, hv.address)
-    children.append(guest)
+    guest_processes.append(guest)
     stream = await hv.negotiated()
     stream.host.reset()
     hv.send_error("test-reset", "reset")
@@ -131,7 +124,7 @@ async def test_host_reset_makes_the_guest_renegotiate_on_the_same_stream(
 
 
 async def test_udev_onlining_after_a_short_delay_is_not_the_5s_online_timeout(
-    hv: FakeHypervisor, children: list[GuestProcess], tmp_path: Path
+    hv: FakeHypervisor, guest_processes: list[GuestProcess], tmp_path: Path
 ) -> None:
     """hv_balloon waits up to 5 s per added block for it to come online; a udev rule that
     onlines it 50 ms later must end that wait then (the agent has to wake for the rule's
@@ -139,7 +132,7 @@ async def test_udev_onlining_after_a_short_delay_is_not_the_5s_online_timeout(
     guest = await start_guest(
         tmp_path, hv.address, "--udev-online", "online_movable", "--onlining-delay", "0.05"
     )
-    children.append(guest)
+    guest_processes.append(guest)
     await hv.negotiated()
     loop = asyncio.get_running_loop()
     start = loop.time()

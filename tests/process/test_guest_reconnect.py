@@ -19,7 +19,6 @@ from tests.process.conftest_guest import (
     BLOCK,
     FakeHypervisor,
     GuestProcess,
-    guest_children,
     running_hypervisor,
     start_guest,
     wait_until,
@@ -34,17 +33,11 @@ async def hv() -> AsyncIterator[FakeHypervisor]:
         yield h
 
 
-@pytest_asyncio.fixture
-async def children() -> AsyncIterator[list[GuestProcess]]:
-    async with guest_children() as started:
-        yield started
-
-
 async def test_reconnect_after_hypervisor_restart_reattaches_with_state(
-    hv: FakeHypervisor, children: list[GuestProcess], tmp_path: Path
+    hv: FakeHypervisor, guest_processes: list[GuestProcess], tmp_path: Path
 ) -> None:
     guest = await start_guest(tmp_path, hv.address, "--udev-online", "online_movable")
-    children.append(guest)
+    guest_processes.append(guest)
     stream = await hv.negotiated()
     hv.command(lambda h, now: h.hot_add(4 * BLOCK, 3 * BLOCK // 2, now))
     await wait_until(lambda: stream.of(dm.HotAddResponse), what="hot-add response")

@@ -21,7 +21,6 @@ from memhp import dm
 from tests.process.conftest_guest import (
     FakeHypervisor,
     GuestProcess,
-    guest_children,
     running_hypervisor,
     start_guest,
     wait_until,
@@ -36,14 +35,8 @@ async def hv() -> AsyncIterator[FakeHypervisor]:
         yield h
 
 
-@pytest_asyncio.fixture
-async def children() -> AsyncIterator[list[GuestProcess]]:
-    async with guest_children() as started:
-        yield started
-
-
 async def test_status_interval_and_ramp_workload(
-    hv: FakeHypervisor, children: list[GuestProcess], tmp_path: Path
+    hv: FakeHypervisor, guest_processes: list[GuestProcess], tmp_path: Path
 ) -> None:
     guest = await start_guest(
         tmp_path,
@@ -57,7 +50,7 @@ async def test_status_interval_and_ramp_workload(
         "--access-batch-ms",
         "100",
     )
-    children.append(guest)
+    guest_processes.append(guest)
     stream = await hv.negotiated()
     await wait_until(lambda: len(stream.of(dm.StatusReport)) >= 11, timeout=10.0, what="reports")
 
@@ -89,10 +82,10 @@ async def test_status_interval_and_ramp_workload(
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 async def test_signal_closes_stream_and_exits_zero(
-    hv: FakeHypervisor, children: list[GuestProcess], tmp_path: Path, sig: int
+    hv: FakeHypervisor, guest_processes: list[GuestProcess], tmp_path: Path, sig: int
 ) -> None:
     guest = await start_guest(tmp_path, hv.address)
-    children.append(guest)
+    guest_processes.append(guest)
     stream = await hv.negotiated()
     assert await guest.signal_and_wait(sig) == 0
     await wait_until(lambda: stream.ended, what="the stream to end on the host")

@@ -27,7 +27,6 @@ from tests.process.conftest_guest import (
     BLOCK,
     FakeHypervisor,
     GuestProcess,
-    guest_children,
     running_hypervisor,
     start_guest,
     wait_until,
@@ -41,12 +40,6 @@ COLUMNS = "RANGE,SIZE,STATE,REMOVABLE,BLOCK,ZONES"
 async def hv() -> AsyncIterator[FakeHypervisor]:
     async with running_hypervisor() as h:
         yield h
-
-
-@pytest_asyncio.fixture
-async def children() -> AsyncIterator[list[GuestProcess]]:
-    async with guest_children() as started:
-        yield started
 
 
 def lsmem_rows(root: Path) -> list[dict[str, Any]]:
@@ -120,11 +113,11 @@ async def expect_error(
 
 @pytest.mark.skipif(not os.access(LSMEM, os.X_OK), reason="util-linux lsmem is not installed")
 async def test_set_block_state_and_lsmem(
-    hv: FakeHypervisor, children: list[GuestProcess], tmp_path: Path
+    hv: FakeHypervisor, guest_processes: list[GuestProcess], tmp_path: Path
 ) -> None:
     root = tmp_path / "root"
     guest = await start_guest(tmp_path, hv.address, "--sysfs-dir", str(root))
-    children.append(guest)
+    guest_processes.append(guest)
     await hv.negotiated()
     await lsmem_matches(guest, root)
 

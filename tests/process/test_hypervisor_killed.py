@@ -8,35 +8,26 @@ side, and the VM must take new hot-adds afterwards.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
-
-import pytest_asyncio
 
 from memhp.v1 import control_pb2
 from tests.process.conftest import GIB, MIB, StartHypervisor, wait_vm
-from tests.process.conftest_guest import GuestProcess, guest_children, start_guest
+from tests.process.conftest_guest import GuestProcess, start_guest
 
 PAGE = 4096
 BLOCK = 128 * MIB
 BATCH = 1500
 
 
-@pytest_asyncio.fixture
-async def children() -> AsyncIterator[list[GuestProcess]]:
-    async with guest_children() as started:
-        yield started
-
-
 async def test_killed_mid_batch_restarted_on_its_state_file_loses_nothing(
-    start_hypervisor: StartHypervisor, children: list[GuestProcess], tmp_path: Path
+    start_hypervisor: StartHypervisor, guest_processes: list[GuestProcess], tmp_path: Path
 ) -> None:
     state = tmp_path / "hv.sqlite"
     hv = await start_hypervisor(state=state)
     port = hv.address.rsplit(":", 1)[1]
     await hv.create_vm("k", boot=4 * GIB, max_bytes=256 * GIB, block=BLOCK)
     guest = await start_guest(tmp_path, hv.address, "--auto-online", "online", vm_id="k")
-    children.append(guest)
+    guest_processes.append(guest)
     await wait_vm(hv, "k", lambda v: v.dm_state == "IDLE", timeout=30.0)
     await hv.control.HotAdd(
         control_pb2.HotAddCommand(vm_id="k", region_bytes=BLOCK, backed_bytes=96 * MIB, count=BATCH)
